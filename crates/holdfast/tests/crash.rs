@@ -161,7 +161,8 @@ async fn call<T: serde::de::DeserializeOwned>(req: reqwest::RequestBuilder) -> A
         return Answer::Unknown;
     };
     if status.is_success() {
-        match serde_json::from_slice(&bytes) {
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        match serde_json::from_slice(bytes) {
             Ok(v) => Answer::Ok(v),
             Err(e) => panic!("undecodable success body ({status}): {e}: {bytes:?}"),
         }
