@@ -558,3 +558,18 @@ pub struct EventBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// The SSE event `missed` of `GET /v1/events`: a resume (`Last-Event-ID`) asked for events
+/// older than the server's buffer (or from before a restart). Its SSE `id:` is `to_seq`, so
+/// resuming after it continues with the oldest event still available.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, ToSchema)]
+pub struct EventsMissedBody {
+    /// Always `missed`.
+    pub kind: String,
+    /// First sequence number that can no longer be delivered.
+    pub from_seq: u64,
+    /// Last sequence number that can no longer be delivered.
+    pub to_seq: u64,
+    /// Explanation.
+    pub message: String,
+}

@@ -1,0 +1,893 @@
+//! The engine host: the one owner of the [`Engine`] and the [`Store`], on its own OS thread.
+//!
+//! HTTP handlers send [`Command`]s over a channel whose depth is bounded by a counter (a full
+//! queue answers `overloaded`). The loop:
+//!
+//! 1. wait for a command or the engine's next deadline (or the `async` flush deadline);
+//! 2. drain more commands, up to [`BATCH_COMMANDS_MAX`];
+//! 3. `tick(now)`, then apply every command, collecting the replies (not sending them);
+//! 4. take the engine's notifications (answers for queued requests) and its changes, and
+//!    write the changes in ONE store commit: one fsync covers the whole batch (group commit);
+//! 5. only after that commit: send the replies and notifications, publish the events.
+//!
+//! A reply that cannot be delivered because its handler is gone (client disconnected) and that
+//! carries a grant is undone at once (`undo_grant`; an idempotency start is aborted), and the
+//! undo is committed like any other change: a grant that cannot be delivered is never leaked.
+//! A handler dropped while its request is queued sends [`Command::Cancel`], which removes the
+//! waiter from the engine's queue.
+//!
+//! A store failure is fail-stop: nothing of the failed batch is acknowledged; the process
+//! exits (or, in tests, the host stops and every later request is answered `overloaded`). The
+//! disk is the truth; a restart recovers from it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use holdfast_api::{LockState, StatsResponse};
+use holdfast_core::{
+    AcquireOutcome, AcquireRequest, ChangeSet, Engine, FencingCheck, Grant, IdempotencyBegin,
+    IdempotencyOutcome, IdempotencyRecord, IdempotencyResult, LeaseId, LeaseTarget, LeaseView,
+    LockError, LockFilter, WaitOutcome, WaiterId,
+};
+use tokio::sync::oneshot;
+
+use crate::auth::Principal;
+use crate::clock::Clock;
+use crate::config::{BATCH_COMMANDS_MAX, Durability};
+use crate::convert::lock_state;
+use crate::error::ApiError;
+use crate::events::EventHub;
+use crate::metrics::{self as m, Latencies};
+use crate::store::Store;
+
+/// Reply channel of a command.
+pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// Who may act on a lease: `None` = anyone (admin), `Some(owner)` = only leases created by it.
+pub type OwnerCheck = Option<Option<String>>;
+
+/// A request to the engine host.
+pub enum Command {
+    /// Acquire (new lease or more locks on an existing one); may queue.
+    Acquire {
+        /// The request.
+        request: AcquireRequest,
+        /// Owner check for `LeaseTarget::Existing`.
+        owner_check: OwnerCheck,
+        /// Handler's id, for [`Command::Cancel`].
+        request_id: u64,
+        /// Answer.
+        reply: Reply<Grant>,
+    },
+    /// Renew a lease.
+    Renew {
+        /// Lease.
+        lease_id: LeaseId,
+        /// New TTL.
+        ttl_ms: Option<u64>,
+        /// Owner check.
+        owner_check: OwnerCheck,
+        /// Answer.
+        reply: Reply<LeaseView>,
+    },
+    /// Release a lease.
+    ReleaseLease {
+        /// Lease.
+        lease_id: LeaseId,
+        /// Owner check.
+        owner_check: OwnerCheck,
+        /// Answer.
+        reply: Reply<LeaseView>,
+    },
+    /// Release one lock of a lease.
+    ReleaseLock {
+        /// Lease.
+        lease_id: LeaseId,
+        /// Key.
+        key: String,
+        /// Owner check.
+        owner_check: OwnerCheck,
+        /// Answer.
+        reply: Reply<LeaseView>,
+    },
+    /// Admin: force-release a key.
+    ForceReleaseLock {
+        /// Key.
+        key: String,
+        /// Why.
+        reason: String,
+        /// Admin's token name (for the log).
+        admin: Option<String>,
+        /// Answer.
+        reply: Reply<Vec<LeaseView>>,
+    },
+    /// Admin: force-release a lease.
+    ForceReleaseLease {
+        /// Lease.
+        lease_id: LeaseId,
+        /// Why.
+        reason: String,
+        /// Admin's token name (for the log).
+        admin: Option<String>,
+        /// Answer.
+        reply: Reply<LeaseView>,
+    },
+    /// Read a lease.
+    GetLease {
+        /// Lease.
+        lease_id: LeaseId,
+        /// Owner check.
+        owner_check: OwnerCheck,
+        /// Answer.
+        reply: Reply<LeaseView>,
+    },
+    /// One key, as the viewer may see it.
+    LockInfo {
+        /// Key.
+        key: String,
+        /// Viewer.
+        viewer: Principal,
+        /// Answer.
+        reply: Reply<Option<LockState>>,
+    },
+    /// Listing, as the viewer may see it (keys outside its prefixes omitted).
+    ListLocks {
+        /// Filter.
+        filter: LockFilter,
+        /// Viewer.
+        viewer: Principal,
+        /// Answer.
+        reply: Reply<Vec<LockState>>,
+    },
+    /// Sequencer check.
+    Fencing {
+        /// Key.
+        key: String,
+        /// Token.
+        fencing_token: u64,
+        /// Answer.
+        reply: Reply<FencingCheck>,
+    },
+    /// Stats.
+    Stats {
+        /// Answer.
+        reply: Reply<StatsResponse>,
+    },
+    /// Idempotency begin; may queue.
+    IdemBegin {
+        /// The request.
+        begin: IdempotencyBegin,
+        /// Handler's id, for [`Command::Cancel`].
+        request_id: u64,
+        /// Answer.
+        reply: Reply<IdempotencyOutcome>,
+    },
+    /// Idempotency complete.
+    IdemComplete {
+        /// Key.
+        key: String,
+        /// Executor lease.
+        lease_id: LeaseId,
+        /// Result.
+        result: IdempotencyResult,
+        /// Owner check on the executor lease.
+        owner_check: OwnerCheck,
+        /// Answer.
+        reply: Reply<IdempotencyRecord>,
+    },
+    /// Idempotency abort.
+    IdemAbort {
+        /// Key.
+        key: String,
+        /// Executor lease.
+        lease_id: LeaseId,
+        /// Owner check on the executor lease.
+        owner_check: OwnerCheck,
+        /// Answer.
+        reply: Reply<()>,
+    },
+    /// Idempotency read: the record and, when in progress, its executor lease (if visible).
+    IdemGet {
+        /// Key.
+        key: String,
+        /// Answer.
+        reply: Reply<Option<(IdempotencyRecord, Option<LeaseView>)>>,
+    },
+    /// The handler of request `request_id` went away: leave the queue.
+    Cancel {
+        /// The handler's id.
+        request_id: u64,
+    },
+    /// Stop: fail queued requests, commit, exit.
+    Shutdown,
+}
+
+impl Command {
+    /// Cancel and Shutdown bypass the queue bound (they must never be refused).
+    fn counted(&self) -> bool {
+        !matches!(self, Command::Cancel { .. } | Command::Shutdown)
+    }
+}
+
+/// Counters of one server (for tests and the benchmark).
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    /// Store commits.
+    pub commits: AtomicU64,
+    /// Durable (fsynced) store commits.
+    pub fsyncs: AtomicU64,
+    /// Commands applied.
+    pub commands: AtomicU64,
+}
+
+/// The handlers' side: send commands, await answers.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<Command>,
+    queued: Arc<AtomicUsize>,
+    queue_max: usize,
+    next_request_id: Arc<AtomicU64>,
+    /// Set when the host stopped after a store failure.
+    pub failed: Arc<AtomicBool>,
+    /// The server clock.
+    pub clock: Clock,
+}
+
+impl EngineHandle {
+    fn send(&self, cmd: Command) -> Result<(), ApiError> {
+        if cmd.counted() && self.queued.fetch_add(1, Ordering::AcqRel) >= self.queue_max {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::overloaded(format!(
+                "too many requests waiting for the engine (limit {})",
+                self.queue_max
+            )));
+        }
+        let counted = cmd.counted();
+        self.tx.send(cmd).map_err(|_| {
+            if counted {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            stopping()
+        })
+    }
+
+    /// Ask the host to stop (answers queued waiters, commits, exits). Never refused.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+    }
+
+    /// Send a command built around a reply channel and await the answer.
+    ///
+    /// # Errors
+    /// The command's refusal; `overloaded` if the queue is full or the host stopped.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| stopping())?
+    }
+
+    /// Like [`EngineHandle::call`] for requests that may queue: if the returned future is
+    /// dropped before the answer (client disconnected), the waiter is cancelled. Waits at most
+    /// `wait_ms` plus a margin (the engine times waiters out itself; this is a backstop).
+    ///
+    /// # Errors
+    /// As [`EngineHandle::call`].
+    pub async fn call_waiting<T>(
+        &self,
+        wait_ms: u64,
+        make: impl FnOnce(u64, Reply<T>) -> Command,
+    ) -> Result<T, ApiError> {
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.send(make(request_id, tx))?;
+        let mut guard = CancelOnDrop { handle: self, request_id, armed: true };
+        let backstop = Duration::from_millis(wait_ms.saturating_add(30_000));
+        let answer = tokio::time::timeout(backstop, rx).await;
+        match answer {
+            Ok(Ok(result)) => {
+                guard.armed = false;
+                result
+            }
+            Ok(Err(_)) => {
+                guard.armed = false;
+                Err(stopping())
+            }
+            Err(_) => Err(ApiError::overloaded("the engine did not answer in time")),
+        }
+    }
+}
+
+fn stopping() -> ApiError {
+    ApiError::overloaded("the server is shutting down or stopped")
+}
+
+struct CancelOnDrop<'a> {
+    handle: &'a EngineHandle,
+    request_id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.handle.send(Command::Cancel { request_id: self.request_id });
+        }
+    }
+}
+
+/// A reply held until the batch's commit.
+enum Delivery {
+    /// A grant (undone if undeliverable).
+    Grant(Reply<Grant>, Result<Grant, ApiError>),
+    /// An idempotency answer (a `Started` is aborted if undeliverable).
+    Idem(Reply<IdempotencyOutcome>, String, Result<IdempotencyOutcome, ApiError>),
+    /// Anything else.
+    Other(Box<dyn FnOnce() + Send>),
+}
+
+fn other<T: Send + 'static>(reply: Reply<T>, value: Result<T, ApiError>) -> Delivery {
+    Delivery::Other(Box::new(move || {
+        let _ = reply.send(value);
+    }))
+}
+
+enum Pending {
+    Lock(Reply<Grant>),
+    Idem(Reply<IdempotencyOutcome>, String),
+}
+
+/// Everything the host thread owns.
+pub struct Host {
+    engine: Engine,
+    store: Option<Store>,
+    durability: Durability,
+    async_flush: Duration,
+    rx: Receiver<Command>,
+    queued: Arc<AtomicUsize>,
+    clock: Clock,
+    hub: Arc<EventHub>,
+    counters: Arc<ServerCounters>,
+    failed: Arc<AtomicBool>,
+    exit_on_store_failure: bool,
+    pending: HashMap<WaiterId, (u64, Pending)>,
+    by_request: HashMap<u64, WaiterId>,
+    /// Owner of every live lease, and live leases per owner (for the per-token quota).
+    owners: HashMap<LeaseId, Option<String>>,
+    owner_counts: HashMap<String, u64>,
+    leases_per_token_max: u64,
+    latencies: Latencies,
+    started: Instant,
+    gauges_at: Option<Instant>,
+}
+
+/// Everything needed to start the host.
+pub struct HostParts {
+    /// The restored engine.
+    pub engine: Engine,
+    /// The store (`None` in memory mode).
+    pub store: Option<Store>,
+    /// Mode.
+    pub durability: Durability,
+    /// Async flush bound.
+    pub async_flush_ms: u64,
+    /// Clock.
+    pub clock: Clock,
+    /// Event hub.
+    pub hub: Arc<EventHub>,
+    /// Counters.
+    pub counters: Arc<ServerCounters>,
+    /// Exit the process on store failure.
+    pub exit_on_store_failure: bool,
+    /// Queue bound.
+    pub queue_max: usize,
+    /// Per-token lease quota.
+    pub leases_per_token_max: u64,
+}
+
+/// Start the host thread.
+///
+/// # Errors
+/// The thread could not be spawned.
+pub fn spawn(parts: HostParts) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let mut owners = HashMap::new();
+    let mut owner_counts: HashMap<String, u64> = HashMap::new();
+    for lease in parts.engine.durable_state().leases {
+        if let Some(owner) = &lease.owner {
+            *owner_counts.entry(owner.clone()).or_default() += 1;
+        }
+        owners.insert(lease.lease_id, lease.owner);
+    }
+    let host = Host {
+        engine: parts.engine,
+        store: parts.store,
+        durability: parts.durability,
+        async_flush: Duration::from_millis(parts.async_flush_ms),
+        rx,
+        queued: Arc::clone(&queued),
+        clock: parts.clock,
+        hub: parts.hub,
+        counters: parts.counters,
+        failed: Arc::clone(&failed),
+        exit_on_store_failure: parts.exit_on_store_failure,
+        pending: HashMap::new(),
+        by_request: HashMap::new(),
+        owners,
+        owner_counts,
+        leases_per_token_max: parts.leases_per_token_max,
+        latencies: Latencies::new(),
+        started: Instant::now(),
+        gauges_at: None,
+    };
+    let handle = EngineHandle {
+        tx,
+        queued,
+        queue_max: parts.queue_max,
+        next_request_id: Arc::new(AtomicU64::new(1)),
+        failed,
+        clock: parts.clock,
+    };
+    let thread = std::thread::Builder::new().name("holdfast-engine".to_owned()).spawn(move || host.run())?;
+    Ok((handle, thread))
+}
+
+impl Host {
+    fn run(mut self) {
+        loop {
+            let wake = self.next_wake();
+            let first = match wake {
+                Some(at) => self.rx.recv_deadline(at),
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            let mut batch = Vec::new();
+            match first {
+                Ok(cmd) => batch.push(cmd),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.stop();
+                    return;
+                }
+            }
+            while batch.len() < BATCH_COMMANDS_MAX {
+                match self.rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            let counted = batch.iter().filter(|c| c.counted()).count();
+            self.queued.fetch_sub(counted, Ordering::AcqRel);
+            self.counters.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            if !batch.is_empty() {
+                metrics::histogram!(m::BATCH_COMMANDS).record(batch.len() as f64);
+            }
+            let now = self.clock.now_ms();
+            self.engine.tick(now);
+            let mut deliveries = Vec::with_capacity(batch.len());
+            let mut shutdown = false;
+            for cmd in batch {
+                if matches!(cmd, Command::Shutdown) {
+                    shutdown = true;
+                    continue;
+                }
+                self.apply(cmd, now, &mut deliveries);
+            }
+            if shutdown {
+                self.fail_pending(now);
+            }
+            if !self.commit_and_deliver(now, deliveries) {
+                return;
+            }
+            if let Some(store) = &mut self.store {
+                if store.unsynced_since().is_some_and(|t| t.elapsed() >= self.async_flush) {
+                    match store.flush() {
+                        Ok(_) => {
+                            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!(m::FSYNCS).increment(1);
+                        }
+                        Err(e) => {
+                            self.store_failed(&e.to_string());
+                            return;
+                        }
+                    }
+                }
+            }
+            self.update_gauges();
+            if shutdown {
+                self.stop();
+                return;
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let engine = self.engine.next_deadline_ms().map(|ms| self.clock.instant_at(ms));
+        let flush = self
+            .store
+            .as_ref()
+            .and_then(Store::unsynced_since)
+            .map(|t| t + self.async_flush);
+        match (engine, flush) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn update_gauges(&mut self) {
+        if self.gauges_at.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
+            return;
+        }
+        self.gauges_at = Some(Instant::now());
+        let s = self.engine.stats();
+        #[allow(clippy::cast_precision_loss)]
+        {
+            metrics::gauge!(m::ACTIVE_LOCKS).set(s.active_locks as f64);
+            metrics::gauge!(m::LEASES).set(s.leases as f64);
+            metrics::gauge!(m::WAITERS).set(s.waiters as f64);
+        }
+    }
+
+    fn check_owner(&self, lease_id: LeaseId, owner_check: &OwnerCheck) -> Result<(), ApiError> {
+        if let Some(owner) = owner_check {
+            let ok = self.engine.lease(lease_id).is_some_and(|l| &l.owner == owner);
+            if !ok {
+                return Err(LockError::LeaseNotFound { lease_id }.into());
+            }
+        }
+        Ok(())
+    }
+
+    fn check_quota(&self, owner: Option<&String>) -> Result<(), ApiError> {
+        let Some(owner) = owner else { return Ok(()) };
+        let n = self.owner_counts.get(owner).copied().unwrap_or(0);
+        if n >= self.leases_per_token_max {
+            return Err(ApiError::overloaded(format!(
+                "token {owner} holds {n} leases (limit leases_per_token_max = {}); release some first",
+                self.leases_per_token_max
+            )));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_lines)]
+    fn apply(&mut self, cmd: Command, now: u64, out: &mut Vec<Delivery>) {
+        match cmd {
+            Command::Acquire { request, owner_check, request_id, reply } => {
+                let checked = match &request.target {
+                    LeaseTarget::Existing(id) => self.check_owner(*id, &owner_check),
+                    LeaseTarget::New(new) => self.check_quota(new.owner.as_ref()),
+                };
+                if let Err(e) = checked {
+                    out.push(Delivery::Grant(reply, Err(e)));
+                    return;
+                }
+                match self.engine.acquire(now, request) {
+                    Ok(AcquireOutcome::Granted(grant)) => out.push(Delivery::Grant(reply, Ok(grant))),
+                    Ok(AcquireOutcome::Queued(waiter)) => {
+                        self.by_request.insert(request_id, waiter);
+                        self.pending.insert(waiter, (request_id, Pending::Lock(reply)));
+                    }
+                    Err(e) => out.push(Delivery::Grant(reply, Err(e.into()))),
+                }
+            }
+            Command::Renew { lease_id, ttl_ms, owner_check, reply } => {
+                let r = self
+                    .check_owner(lease_id, &owner_check)
+                    .and_then(|()| self.engine.renew(now, lease_id, ttl_ms).map_err(Into::into));
+                out.push(other(reply, r));
+            }
+            Command::ReleaseLease { lease_id, owner_check, reply } => {
+                let r = self
+                    .check_owner(lease_id, &owner_check)
+                    .and_then(|()| self.engine.release_lease(now, lease_id).map_err(Into::into));
+                out.push(other(reply, r));
+            }
+            Command::ReleaseLock { lease_id, key, owner_check, reply } => {
+                let r = self
+                    .check_owner(lease_id, &owner_check)
+                    .and_then(|()| self.engine.release_lock(now, lease_id, &key).map_err(Into::into));
+                out.push(other(reply, r));
+            }
+            Command::ForceReleaseLock { key, reason, admin, reply } => {
+                let r = self.engine.force_release_lock(now, &key, &reason).map_err(ApiError::from);
+                if let Ok(lost) = &r {
+                    let holders: Vec<&str> = lost.iter().map(|l| l.holder.as_str()).collect();
+                    tracing::info!(
+                        admin = admin.as_deref().unwrap_or("(open mode)"),
+                        key = %key,
+                        reason = %reason,
+                        ?holders,
+                        "admin force release of lock"
+                    );
+                }
+                out.push(other(reply, r));
+            }
+            Command::ForceReleaseLease { lease_id, reason, admin, reply } => {
+                let r = self.engine.force_release_lease(now, lease_id, &reason).map_err(ApiError::from);
+                if let Ok(lease) = &r {
+                    let keys: Vec<&str> = lease.locks.iter().map(|l| l.key.as_str()).collect();
+                    tracing::info!(
+                        admin = admin.as_deref().unwrap_or("(open mode)"),
+                        holder = %lease.holder,
+                        reason = %reason,
+                        ?keys,
+                        "admin force release of lease"
+                    );
+                }
+                out.push(other(reply, r));
+            }
+            Command::GetLease { lease_id, owner_check, reply } => {
+                let r = self.check_owner(lease_id, &owner_check).and_then(|()| {
+                    self.engine
+                        .lease(lease_id)
+                        .ok_or_else(|| LockError::LeaseNotFound { lease_id }.into())
+                });
+                out.push(other(reply, r));
+            }
+            Command::LockInfo { key, viewer, reply } => {
+                let r = self.engine.lock_info(&key).map(|info| self.view(&info, &viewer));
+                out.push(other(reply, Ok(r)));
+            }
+            Command::ListLocks { filter, viewer, reply } => {
+                let r = self
+                    .engine
+                    .list_locks(&filter)
+                    .iter()
+                    .filter(|info| viewer.may_access(&info.key))
+                    .map(|info| self.view(info, &viewer))
+                    .collect();
+                out.push(other(reply, Ok(r)));
+            }
+            Command::Fencing { key, fencing_token, reply } => {
+                out.push(other(reply, Ok(self.engine.check_fencing(&key, fencing_token))));
+            }
+            Command::Stats { reply } => {
+                let s = self.engine.stats();
+                let r = StatsResponse {
+                    active_locks: s.active_locks,
+                    leases: s.leases,
+                    waiters: s.waiters,
+                    idempotency_records: s.idempotency_records,
+                    grants_total: s.grants_total,
+                    releases_total: s.releases_total,
+                    timeouts_total: s.timeouts_total,
+                    deadlocks_total: s.deadlocks_total,
+                    expirations_total: s.expirations_total,
+                    force_releases_total: s.force_releases_total,
+                    wait_ms: self.latencies.wait(),
+                    hold_ms: self.latencies.hold(),
+                    durability: self.durability.as_str().to_owned(),
+                    uptime_s: self.started.elapsed().as_secs(),
+                };
+                out.push(other(reply, Ok(r)));
+            }
+            Command::IdemBegin { begin, request_id, reply } => {
+                if let Err(e) = self.check_quota(begin.lease.owner.as_ref()) {
+                    out.push(Delivery::Idem(reply, begin.key, Err(e)));
+                    return;
+                }
+                let key = begin.key.clone();
+                match self.engine.idempotency_begin(now, begin) {
+                    Ok(IdempotencyOutcome::Queued(waiter)) => {
+                        self.by_request.insert(request_id, waiter);
+                        self.pending.insert(waiter, (request_id, Pending::Idem(reply, key)));
+                    }
+                    Ok(outcome) => out.push(Delivery::Idem(reply, key, Ok(outcome))),
+                    Err(e) => out.push(Delivery::Idem(reply, key, Err(e.into()))),
+                }
+            }
+            Command::IdemComplete { key, lease_id, result, owner_check, reply } => {
+                let r = self.check_owner(lease_id, &owner_check).and_then(|()| {
+                    self.engine
+                        .idempotency_complete(now, &key, lease_id, result)
+                        .map_err(Into::into)
+                });
+                out.push(other(reply, r));
+            }
+            Command::IdemAbort { key, lease_id, owner_check, reply } => {
+                let r = self
+                    .check_owner(lease_id, &owner_check)
+                    .and_then(|()| self.engine.idempotency_abort(now, &key, lease_id).map_err(Into::into));
+                out.push(other(reply, r));
+            }
+            Command::IdemGet { key, reply } => {
+                let r = self.engine.idempotency_get(&key).map(|rec| {
+                    let lease = match &rec.state {
+                        holdfast_core::IdempotencyState::InProgress { lease_id } => self.engine.lease(*lease_id),
+                        holdfast_core::IdempotencyState::Completed(_) => None,
+                    };
+                    (rec, lease)
+                });
+                out.push(other(reply, Ok(r)));
+            }
+            Command::Cancel { request_id } => {
+                if let Some(waiter) = self.by_request.remove(&request_id) {
+                    if self.engine.cancel_wait(now, waiter) {
+                        self.pending.remove(&waiter);
+                    }
+                    // Otherwise an answer is already on its way; its delivery will fail and
+                    // be undone.
+                }
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn view(&self, info: &holdfast_core::LockInfo, viewer: &Principal) -> LockState {
+        lock_state(info, |id| {
+            viewer.is_admin() || self.owners.get(&id).is_some_and(|o| o.is_some() && *o == viewer.name)
+        })
+    }
+
+    /// Answer every queued request with a cancellation (shutdown).
+    fn fail_pending(&mut self, now: u64) {
+        for (waiter, (_, pending)) in std::mem::take(&mut self.pending) {
+            self.engine.cancel_wait(now, waiter);
+            let e = ApiError::from(LockError::Cancelled);
+            match pending {
+                Pending::Lock(reply) => {
+                    let _ = reply.send(Err(e));
+                }
+                Pending::Idem(reply, _) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        self.by_request.clear();
+    }
+
+    fn track_owners(&mut self, changes: &ChangeSet) {
+        for (id, record) in &changes.leases {
+            match record {
+                Some(r) => {
+                    if !self.owners.contains_key(id) {
+                        if let Some(o) = &r.owner {
+                            *self.owner_counts.entry(o.clone()).or_default() += 1;
+                        }
+                        self.owners.insert(*id, r.owner.clone());
+                    }
+                }
+                None => {
+                    if let Some(Some(o)) = self.owners.remove(id) {
+                        if let Some(n) = self.owner_counts.get_mut(&o) {
+                            *n = n.saturating_sub(1);
+                            if *n == 0 {
+                                self.owner_counts.remove(&o);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commit the engine's changes, then deliver. Repeats while undoing undeliverable grants
+    /// produces new changes. Returns false if the host must stop (store failure).
+    fn commit_and_deliver(&mut self, now: u64, mut deliveries: Vec<Delivery>) -> bool {
+        loop {
+            for note in self.engine.take_notifications() {
+                let Some((request_id, pending)) = self.pending.remove(&note.waiter) else {
+                    // Cancelled concurrently: the engine already forgot it, or nobody waits.
+                    if let WaitOutcome::Granted(grant) = &note.outcome {
+                        self.engine.undo_grant(now, grant);
+                    }
+                    continue;
+                };
+                self.by_request.remove(&request_id);
+                match (pending, note.outcome) {
+                    (Pending::Lock(reply), WaitOutcome::Granted(grant)) => {
+                        deliveries.push(Delivery::Grant(reply, Ok(grant)));
+                    }
+                    (Pending::Lock(reply), WaitOutcome::Failed(e)) => {
+                        deliveries.push(Delivery::Grant(reply, Err(e.into())));
+                    }
+                    (Pending::Idem(reply, key), WaitOutcome::Idempotency(outcome)) => {
+                        deliveries.push(Delivery::Idem(reply, key, Ok(outcome)));
+                    }
+                    (Pending::Idem(reply, key), WaitOutcome::Failed(e)) => {
+                        deliveries.push(Delivery::Idem(reply, key, Err(e.into())));
+                    }
+                    (Pending::Lock(reply), WaitOutcome::Idempotency(_)) => {
+                        deliveries.push(Delivery::Grant(reply, Err(ApiError::internal("lock waiter got an idempotency answer"))));
+                    }
+                    (Pending::Idem(reply, key), WaitOutcome::Granted(grant)) => {
+                        self.engine.undo_grant(now, &grant);
+                        deliveries.push(Delivery::Idem(reply, key, Err(ApiError::internal("idempotency waiter got a lock grant"))));
+                    }
+                }
+            }
+            let changes = self.engine.take_changes();
+            let events = self.engine.take_events();
+            if !changes.is_empty() {
+                self.track_owners(&changes);
+                if let Some(store) = &mut self.store {
+                    let started = Instant::now();
+                    match store.apply(&changes) {
+                        Ok(info) => {
+                            metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                            metrics::counter!(m::COMMITS).increment(1);
+                            self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                            if info.synced {
+                                metrics::counter!(m::FSYNCS).increment(1);
+                                self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => {
+                            self.store_failed(&e.to_string());
+                            return false;
+                        }
+                    }
+                }
+            }
+            for e in &events {
+                self.latencies.record(e);
+                match &e.kind {
+                    holdfast_core::EventKind::Expired => tracing::info!(
+                        key = e.key.as_deref().unwrap_or(""),
+                        holder = %e.holder,
+                        fencing_token = e.fencing_token,
+                        "lease expired: lock lost"
+                    ),
+                    holdfast_core::EventKind::Deadlock => tracing::info!(
+                        key = e.key.as_deref().unwrap_or(""),
+                        holder = %e.holder,
+                        "deadlock: request refused (requester is the victim)"
+                    ),
+                    _ => {}
+                }
+            }
+            self.hub.publish(events);
+            if deliveries.is_empty() {
+                return true;
+            }
+            let mut undone = false;
+            for d in deliveries.drain(..) {
+                match d {
+                    Delivery::Grant(reply, value) => {
+                        if let Err(Ok(grant)) = reply.send(value) {
+                            self.engine.undo_grant(now, &grant);
+                            undone = true;
+                        }
+                    }
+                    Delivery::Idem(reply, key, value) => {
+                        if let Err(Ok(IdempotencyOutcome::Started(lease))) = reply.send(value) {
+                            let _ = self.engine.idempotency_abort(now, &key, lease.lease_id);
+                            undone = true;
+                        }
+                    }
+                    Delivery::Other(f) => f(),
+                }
+            }
+            if !undone {
+                return true;
+            }
+        }
+    }
+
+    fn store_failed(&mut self, error: &str) {
+        tracing::error!(error, "store commit failed: stopping (fail-stop); restart recovers from the last durable commit");
+        self.failed.store(true, Ordering::SeqCst);
+        if self.exit_on_store_failure {
+            std::process::exit(70);
+        }
+        // Drop every queued request unanswered: nothing of this batch was acknowledged.
+        self.pending.clear();
+        self.by_request.clear();
+    }
+
+    fn stop(&mut self) {
+        let now = self.clock.now_ms();
+        self.fail_pending(now);
+        let _ = self.commit_and_deliver(now, Vec::new());
+        if let Some(store) = &mut self.store {
+            if let Err(e) = store.flush() {
+                tracing::error!(error = %e, "final flush failed");
+            }
+        }
+        tracing::info!("engine host stopped");
+    }
+}

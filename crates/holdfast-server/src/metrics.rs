@@ -1,0 +1,155 @@
+//! Prometheus metrics (rendered on the server's own `GET /metrics`) and the in-process
+//! percentiles of `GET /v1/stats`.
+//!
+//! The `metrics` recorder is global to the process; it is installed once (several servers in
+//! one test process share it, so their series add up there; `/v1/stats` is per server).
+
+use std::sync::OnceLock;
+
+use hdrhistogram::Histogram;
+use holdfast_api::Percentiles;
+use holdfast_core::{Event, EventKind};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Grants (reentrant joins included).
+pub const GRANTS: &str = "holdfast_grants_total";
+/// Voluntary releases.
+pub const RELEASES: &str = "holdfast_releases_total";
+/// Wait timeouts.
+pub const TIMEOUTS: &str = "holdfast_wait_timeouts_total";
+/// Deadlock refusals.
+pub const DEADLOCKS: &str = "holdfast_deadlocks_total";
+/// Locks lost by lease expiry.
+pub const EXPIRATIONS: &str = "holdfast_expirations_total";
+/// Locks force-released by an admin.
+pub const FORCE_RELEASES: &str = "holdfast_force_releases_total";
+/// Seconds a granted request waited in the queue.
+pub const WAIT_SECONDS: &str = "holdfast_wait_seconds";
+/// Seconds a lock was held until release, expiry or force release.
+pub const HOLD_SECONDS: &str = "holdfast_hold_seconds";
+/// Seconds one store commit took (including its fsync in `sync` mode).
+pub const COMMIT_SECONDS: &str = "holdfast_store_commit_seconds";
+/// Commands applied per batch (one commit).
+pub const BATCH_COMMANDS: &str = "holdfast_store_batch_commands";
+/// Store commits.
+pub const COMMITS: &str = "holdfast_store_commits_total";
+/// Durable (fsynced) store commits.
+pub const FSYNCS: &str = "holdfast_store_fsyncs_total";
+/// HTTP requests by `route` (matched path template) and `status`.
+pub const HTTP_REQUESTS: &str = "holdfast_http_requests_total";
+/// Keys with holders.
+pub const ACTIVE_LOCKS: &str = "holdfast_active_locks";
+/// Live leases.
+pub const LEASES: &str = "holdfast_leases";
+/// Queued requests.
+pub const WAITERS: &str = "holdfast_waiters";
+
+/// The process-wide Prometheus handle (installs the recorder on first use).
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let seconds = [
+            0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0,
+        ];
+        let batch = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+        let builder = || {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_COMMANDS.to_owned()), &batch))
+        };
+        match builder() {
+            Ok(b) => {
+                let recorder = b.build_recorder();
+                let handle = recorder.handle();
+                if metrics::set_global_recorder(recorder).is_err() {
+                    tracing::warn!("a metrics recorder is already installed; /metrics will be empty");
+                }
+                handle
+            }
+            Err(e) => {
+                tracing::warn!("metrics setup failed: {e}");
+                PrometheusBuilder::new().build_recorder().handle()
+            }
+        }
+    })
+}
+
+/// Per-server wait and hold time histograms (for `/v1/stats` percentiles).
+pub struct Latencies {
+    wait_ms: Histogram<u64>,
+    hold_ms: Histogram<u64>,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Latencies {
+    /// Empty histograms.
+    #[must_use]
+    pub fn new() -> Self {
+        // 3 significant digits, auto-resizing: bounded by the value range, not the sample count.
+        let make = || {
+            let mut h = Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable_histogram());
+            h.auto(true);
+            h
+        };
+        Self { wait_ms: make(), hold_ms: make() }
+    }
+
+    /// Count an event in the Prometheus metrics and the histograms.
+    pub fn record(&mut self, e: &Event) {
+        #[allow(clippy::cast_precision_loss)]
+        let secs = |ms: u64| ms as f64 / 1000.0;
+        match &e.kind {
+            EventKind::Granted => metrics::counter!(GRANTS).increment(1),
+            EventKind::Released => metrics::counter!(RELEASES).increment(1),
+            EventKind::Expired => metrics::counter!(EXPIRATIONS).increment(1),
+            EventKind::ForceReleased { .. } => metrics::counter!(FORCE_RELEASES).increment(1),
+            EventKind::TimedOut => metrics::counter!(TIMEOUTS).increment(1),
+            EventKind::Deadlock => metrics::counter!(DEADLOCKS).increment(1),
+            EventKind::Renewed => {}
+        }
+        if let Some(ms) = e.waited_ms {
+            metrics::histogram!(WAIT_SECONDS).record(secs(ms));
+            let _ = self.wait_ms.record(ms);
+        }
+        if let Some(ms) = e.held_ms {
+            metrics::histogram!(HOLD_SECONDS).record(secs(ms));
+            let _ = self.hold_ms.record(ms);
+        }
+    }
+
+    /// Wait time percentiles.
+    #[must_use]
+    pub fn wait(&self) -> Percentiles {
+        percentiles(&self.wait_ms)
+    }
+
+    /// Hold time percentiles.
+    #[must_use]
+    pub fn hold(&self) -> Percentiles {
+        percentiles(&self.hold_ms)
+    }
+}
+
+fn unreachable_histogram() -> Histogram<u64> {
+    // `new(3)` only fails for sigfig > 5; keep a valid fallback rather than panic.
+    Histogram::<u64>::new_with_bounds(1, u64::MAX / 2, 2).unwrap_or_else(|_| std::process::abort())
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    if h.is_empty() {
+        return Percentiles::default();
+    }
+    Percentiles {
+        p50: h.value_at_quantile(0.5) as f64,
+        p90: h.value_at_quantile(0.9) as f64,
+        p99: h.value_at_quantile(0.99) as f64,
+        max: h.max() as f64,
+        count: h.len(),
+    }
+}

@@ -1,0 +1,421 @@
+//! Durable storage of the engine's state in one redb database, `<data-dir>/holdfast.redb`.
+//!
+//! Tables (see `STORAGE.md`):
+//! - `leases`: lease id (`u128`) → postcard [`LeaseRecord`] (the lease with its locks);
+//! - `idempotency`: key → postcard [`IdempotencyRecord`];
+//! - `lock_delays`: key → end of its lock-delay (epoch ms);
+//! - `meta`: `format_version`, `fencing_next`, `event_seq_next`, and the reserved ceilings
+//!   `fencing_ceiling` / `event_seq_ceiling` that keep counters increasing across a crash in
+//!   `async` mode.
+//!
+//! Every [`Store::apply`] is one write transaction; in `sync` mode it commits with
+//! [`redb::Durability::Immediate`] (one fsync), so the server can acknowledge everything the
+//! batch contained. Records are validated when read; a record that does not decode stops the
+//! startup with a message naming the table and the record, never a silent reset.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use holdfast_core::{ChangeSet, DurableState, IdempotencyRecord, LeaseId, LeaseRecord};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::config::Durability;
+
+const LEASES: TableDefinition<u128, &[u8]> = TableDefinition::new("leases");
+const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+const LOCK_DELAYS: TableDefinition<&str, u64> = TableDefinition::new("lock_delays");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Version of the record layout; bumped on any incompatible change.
+pub const FORMAT_VERSION: u64 = 1;
+/// File name inside the data directory.
+pub const DB_FILE_NAME: &str = "holdfast.redb";
+/// In `async` mode counters are reserved this far ahead with a durable commit, so a crash that
+/// loses unsynced commits never makes a fencing token or event sequence number go backwards.
+const COUNTER_RESERVE: u64 = 100_000;
+
+const META_FORMAT: &str = "format_version";
+const META_FENCING: &str = "fencing_next";
+const META_EVENT_SEQ: &str = "event_seq_next";
+const META_FENCING_CEILING: &str = "fencing_ceiling";
+const META_EVENT_SEQ_CEILING: &str = "event_seq_ceiling";
+
+/// A storage failure. At startup it stops the server; during operation it is fail-stop.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or created.
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<redb::Error>,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A record failed to decode or validate.
+    #[error("corrupt record in table {table} ({record}): {reason}; the data directory needs repair or restore from backup, it is never reset automatically")]
+    Corrupt {
+        /// Table name.
+        table: &'static str,
+        /// Which record.
+        record: String,
+        /// Why.
+        reason: String,
+    },
+    /// The on-disk format is from another version.
+    #[error("database format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    Version {
+        /// Found version.
+        found: u64,
+    },
+    /// A read, write or commit failed.
+    #[error("storage error: {0}")]
+    Io(Box<redb::Error>),
+}
+
+impl<E: Into<redb::Error>> From<E> for StoreError {
+    fn from(e: E) -> Self {
+        StoreError::Io(Box::new(e.into()))
+    }
+}
+
+/// Counters of the commits a store performed (for metrics and the benchmark).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CommitInfo {
+    /// True if this commit was fsynced.
+    pub synced: bool,
+}
+
+/// The open database.
+pub struct Store {
+    db: Database,
+    durability: Durability,
+    /// Durable ceilings of the counters (async mode).
+    fencing_ceiling: u64,
+    event_seq_ceiling: u64,
+    /// True if a non-durable commit happened since the last durable one.
+    unsynced: bool,
+    /// When the first unsynced commit happened.
+    unsynced_since: Option<Instant>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("durability", &self.durability).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Open (or create) `<data_dir>/holdfast.redb`.
+    ///
+    /// # Errors
+    /// The directory cannot be created, the file is not a redb database, or is already open.
+    pub fn open(data_dir: &Path, durability: Durability) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join(DB_FILE_NAME);
+        let db = Database::create(&path).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            source: Box::new(e.into()),
+        })?;
+        Ok(Self {
+            db,
+            durability,
+            fencing_ceiling: 0,
+            event_seq_ceiling: 0,
+            unsynced: false,
+            unsynced_since: None,
+        })
+    }
+
+    /// Read and validate the whole durable state. Creates the tables of a new database.
+    ///
+    /// # Errors
+    /// Any record that does not decode or is inconsistent with its key.
+    pub fn load(&mut self) -> Result<DurableState, StoreError> {
+        // Create missing tables and stamp the format version in one durable commit.
+        {
+            let mut tx = self.db.begin_write()?;
+            tx.set_durability(redb::Durability::Immediate)?;
+            {
+                tx.open_table(LEASES)?;
+                tx.open_table(IDEMPOTENCY)?;
+                tx.open_table(LOCK_DELAYS)?;
+                let mut meta = tx.open_table(META)?;
+                let version = meta.get(META_FORMAT)?.map(|v| v.value());
+                match version {
+                    None => {
+                        meta.insert(META_FORMAT, FORMAT_VERSION)?;
+                    }
+                    Some(FORMAT_VERSION) => {}
+                    Some(found) => return Err(StoreError::Version { found }),
+                }
+            }
+            tx.commit()?;
+        }
+        let tx = self.db.begin_read()?;
+        let mut state = DurableState::default();
+        let meta = tx.open_table(META)?;
+        let get = |name: &str| -> Result<u64, StoreError> {
+            Ok(meta.get(name)?.map_or(0, |v| v.value()))
+        };
+        let fencing_next = get(META_FENCING)?;
+        let event_seq_next = get(META_EVENT_SEQ)?;
+        self.fencing_ceiling = get(META_FENCING_CEILING)?;
+        self.event_seq_ceiling = get(META_EVENT_SEQ_CEILING)?;
+        // A crash in async mode may have lost the last counter values, never the ceilings.
+        state.fencing_next = fencing_next.max(self.fencing_ceiling).max(1);
+        state.event_seq_next = event_seq_next.max(self.event_seq_ceiling).max(1);
+
+        let leases = tx.open_table(LEASES)?;
+        for entry in leases.iter()? {
+            let (k, v) = entry?;
+            let id = LeaseId(k.value());
+            let record: LeaseRecord = postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "leases",
+                record: format!("lease {id}"),
+                reason: e.to_string(),
+            })?;
+            if record.lease_id != id {
+                return Err(StoreError::Corrupt {
+                    table: "leases",
+                    record: format!("lease {id}"),
+                    reason: format!("record names lease {}", record.lease_id),
+                });
+            }
+            state.leases.push(record);
+        }
+        let idem = tx.open_table(IDEMPOTENCY)?;
+        for entry in idem.iter()? {
+            let (k, v) = entry?;
+            let key = k.value().to_owned();
+            let record: IdempotencyRecord = postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "idempotency",
+                record: format!("key {key:?}"),
+                reason: e.to_string(),
+            })?;
+            if record.key != key {
+                return Err(StoreError::Corrupt {
+                    table: "idempotency",
+                    record: format!("key {key:?}"),
+                    reason: format!("record names key {:?}", record.key),
+                });
+            }
+            state.idempotency.push(record);
+        }
+        let delays = tx.open_table(LOCK_DELAYS)?;
+        for entry in delays.iter()? {
+            let (k, v) = entry?;
+            state.lock_delays.push((k.value().to_owned(), v.value()));
+        }
+        Ok(state)
+    }
+
+    /// Write one change set in one transaction. In `sync` mode the commit is durable when this
+    /// returns; in `async` mode it is durable after the next [`Store::flush`] (or at once when a
+    /// counter passes its reserved ceiling).
+    ///
+    /// # Errors
+    /// Any storage failure; the caller must stop (fail-stop): nothing in this batch may be
+    /// acknowledged.
+    pub fn apply(&mut self, changes: &ChangeSet) -> Result<CommitInfo, StoreError> {
+        let mut tx = self.db.begin_write()?;
+        let mut durable = self.durability == Durability::Sync;
+        {
+            let mut meta = tx.open_table(META)?;
+            if let Some(v) = changes.fencing_next {
+                meta.insert(META_FENCING, v)?;
+                if self.durability == Durability::Async && v >= self.fencing_ceiling {
+                    self.fencing_ceiling = v + COUNTER_RESERVE;
+                    meta.insert(META_FENCING_CEILING, self.fencing_ceiling)?;
+                    durable = true;
+                }
+            }
+            if let Some(v) = changes.event_seq_next {
+                meta.insert(META_EVENT_SEQ, v)?;
+                if self.durability == Durability::Async && v >= self.event_seq_ceiling {
+                    self.event_seq_ceiling = v + COUNTER_RESERVE;
+                    meta.insert(META_EVENT_SEQ_CEILING, self.event_seq_ceiling)?;
+                    durable = true;
+                }
+            }
+            let mut leases = tx.open_table(LEASES)?;
+            for (id, record) in &changes.leases {
+                match record {
+                    Some(record) => {
+                        let bytes = postcard::to_stdvec(record).map_err(|e| StoreError::Corrupt {
+                            table: "leases",
+                            record: format!("lease {id}"),
+                            reason: format!("encode: {e}"),
+                        })?;
+                        leases.insert(id.0, bytes.as_slice())?;
+                    }
+                    None => {
+                        leases.remove(id.0)?;
+                    }
+                }
+            }
+            let mut idem = tx.open_table(IDEMPOTENCY)?;
+            for (key, record) in &changes.idempotency {
+                match record {
+                    Some(record) => {
+                        let bytes = postcard::to_stdvec(record).map_err(|e| StoreError::Corrupt {
+                            table: "idempotency",
+                            record: format!("key {key:?}"),
+                            reason: format!("encode: {e}"),
+                        })?;
+                        idem.insert(key.as_str(), bytes.as_slice())?;
+                    }
+                    None => {
+                        idem.remove(key.as_str())?;
+                    }
+                }
+            }
+            let mut delays = tx.open_table(LOCK_DELAYS)?;
+            for (key, until) in &changes.lock_delays {
+                match until {
+                    Some(until) => {
+                        delays.insert(key.as_str(), *until)?;
+                    }
+                    None => {
+                        delays.remove(key.as_str())?;
+                    }
+                }
+            }
+        }
+        tx.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })?;
+        tx.commit()?;
+        if durable {
+            self.unsynced = false;
+            self.unsynced_since = None;
+        } else {
+            self.unsynced = true;
+            self.unsynced_since.get_or_insert_with(Instant::now);
+        }
+        Ok(CommitInfo { synced: durable })
+    }
+
+    /// When the oldest unsynced commit was made, if any (`async` mode).
+    #[must_use]
+    pub fn unsynced_since(&self) -> Option<Instant> {
+        if self.unsynced { self.unsynced_since } else { None }
+    }
+
+    /// Make every earlier commit durable (an empty durable commit). No-op if nothing is
+    /// unsynced.
+    ///
+    /// # Errors
+    /// Storage failure (fail-stop).
+    pub fn flush(&mut self) -> Result<bool, StoreError> {
+        if !self.unsynced {
+            return Ok(false);
+        }
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(redb::Durability::Immediate)?;
+        tx.commit()?;
+        self.unsynced = false;
+        self.unsynced_since = None;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use holdfast_core::{HeldLockView, LockKind};
+
+    fn lease(id: u128) -> LeaseRecord {
+        LeaseRecord {
+            lease_id: LeaseId(id),
+            holder: "h".into(),
+            ttl_ms: 30_000,
+            expires_at_ms: 1_000_000,
+            created_at_ms: 1,
+            reason: Some("r".into()),
+            metadata: None,
+            owner: Some("tok".into()),
+            locks: vec![HeldLockView {
+                key: "a/b".into(),
+                kind: LockKind::Exclusive,
+                fencing_token: 7,
+                count: 1,
+                acquired_at_ms: 1,
+                lock_delay_ms: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
+            assert_eq!(store.load().unwrap().leases.len(), 0);
+            let mut cs = ChangeSet { fencing_next: Some(8), event_seq_next: Some(3), ..ChangeSet::default() };
+            cs.leases.insert(LeaseId(1), Some(lease(1)));
+            cs.leases.insert(LeaseId(2), Some(lease(2)));
+            cs.lock_delays.insert("k".into(), Some(99));
+            assert!(store.apply(&cs).unwrap().synced);
+            let mut cs = ChangeSet::default();
+            cs.leases.insert(LeaseId(2), None);
+            store.apply(&cs).unwrap();
+        }
+        let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(state.fencing_next, 8);
+        assert_eq!(state.event_seq_next, 3);
+        assert_eq!(state.leases, vec![lease(1)]);
+        assert_eq!(state.lock_delays, vec![("k".to_owned(), 99)]);
+    }
+
+    #[test]
+    fn async_mode_reserves_counter_ceilings() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), Durability::Async).unwrap();
+        store.load().unwrap();
+        let cs = ChangeSet { fencing_next: Some(5), ..ChangeSet::default() };
+        assert!(store.apply(&cs).unwrap().synced, "first counter move reserves durably");
+        let cs = ChangeSet { fencing_next: Some(6), ..ChangeSet::default() };
+        assert!(!store.apply(&cs).unwrap().synced);
+        assert!(store.unsynced_since().is_some());
+        assert!(store.flush().unwrap());
+        drop(store);
+        let mut store = Store::open(dir.path(), Durability::Async).unwrap();
+        assert!(store.load().unwrap().fencing_next >= 5 + COUNTER_RESERVE);
+    }
+
+    #[test]
+    fn garbage_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DB_FILE_NAME), vec![0x5a; 64 * 1024]).unwrap();
+        let err = Store::open(dir.path(), Durability::Sync).and_then(|mut s| s.load().map(|_| ()));
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn undecodable_record_names_table() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), Durability::Sync).unwrap();
+            let tx = store.db.begin_write().unwrap();
+            tx.open_table(LEASES).unwrap().insert(5u128, &[0xff_u8, 0xff, 0xff][..]).unwrap();
+            tx.commit().unwrap();
+        }
+        let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("leases"), "{err}");
+    }
+}
