@@ -1,25 +1,140 @@
-//! The engine. (Contract stub: the implementation replaces the bodies.)
+//! The engine: the public API and the lock machinery (grants, queues, expiry, events).
+//!
+//! Idempotency records live in `idempotency.rs`, restore and snapshots in `snapshot.rs`,
+//! the invariant checker in `invariants.rs`, deadlock detection in `deadlock.rs`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::error::{LockError, RestoreError};
+use crate::idempotency::{IdemEntry, IdemWaiter};
+use crate::keys::{Family, KeyState, LockWaiter, Usage, WaitTarget};
+use crate::leases::{HeldLock, Lease};
 use crate::limits::Limits;
 use crate::types::{
-    AcquireOutcome, AcquireRequest, ChangeSet, DurableState, Event, FencingCheck, Grant,
-    IdempotencyBegin, IdempotencyOutcome, IdempotencyRecord, IdempotencyResult, LeaseId,
-    LeaseView, LockFilter, LockInfo, Notification, Stats, TimeMs, WaiterId,
+    AcquireOutcome, AcquireRequest, ChangeSet, DurableState, Event, EventKind, FencingCheck, Grant,
+    HeldLockView, HolderSummary, IdempotencyBegin, IdempotencyOutcome, IdempotencyRecord,
+    IdempotencyResult, LeaseId, LeaseTarget, LeaseView, LockFilter, LockInfo, LockKind, LockSpec,
+    NewLease, Notification, Stats, TimeMs, WaitOutcome, WaiterId, WaiterSummary,
 };
+use crate::validate;
 
-/// The lock engine. See the crate documentation for its invariants.
-#[derive(Debug, Default)]
-pub struct Engine {
-    limits: Limits,
+/// What a request needs on a key, given what its own lease already holds there.
+/// `None`: the lease already holds the key in a kind that covers the request, so the request
+/// only increments the hold count there and never waits or blocks anyone on that key.
+/// A shared holder asking for exclusive is an upgrade: it needs `Exclusive` (its own shared
+/// grant does not count against it).
+pub(crate) fn demand(held: Option<&HeldLock>, want: LockKind) -> Option<LockKind> {
+    let Some(h) = held else { return Some(want) };
+    match (h.kind, want) {
+        (LockKind::Shared, LockKind::Exclusive) => Some(LockKind::Exclusive),
+        (LockKind::Exclusive, LockKind::Exclusive | LockKind::Shared)
+        | (LockKind::Shared, LockKind::Shared)
+        | (LockKind::Semaphore { .. }, LockKind::Semaphore { .. }) => None,
+        _ => Some(want),
+    }
 }
 
-#[allow(unused_variables, clippy::unused_self, clippy::needless_pass_by_value)]
+/// How a lease leaves.
+#[derive(Clone, Debug)]
+pub(crate) enum Removal {
+    Released,
+    Expired,
+    Forced(String),
+}
+
+/// Which lease a grant goes to.
+pub(crate) enum GrantTarget {
+    New(NewLease),
+    Lease(LeaseId),
+}
+
+/// Durable records touched since the last `take_changes`.
+#[derive(Debug, Default)]
+pub(crate) struct Dirty {
+    pub leases: HashSet<LeaseId>,
+    pub idempotency: HashSet<Box<str>>,
+    pub lock_delays: HashSet<Box<str>>,
+    pub fencing_taken: u64,
+    pub seq_taken: u64,
+}
+
+/// Counters reported by `stats` (not durable: they restart at zero).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Counters {
+    pub grants: u64,
+    pub releases: u64,
+    pub timeouts: u64,
+    pub deadlocks: u64,
+    pub expirations: u64,
+    pub force_releases: u64,
+}
+
+/// The lock engine. See the crate documentation for its invariants.
+#[derive(Debug)]
+pub struct Engine {
+    pub(crate) limits: Limits,
+    /// The latest time seen; time never goes backwards inside the engine.
+    pub(crate) now_ms: TimeMs,
+    pub(crate) fencing_next: u64,
+    pub(crate) event_seq_next: u64,
+    pub(crate) next_waiter_id: u64,
+    pub(crate) leases: HashMap<LeaseId, Lease>,
+    pub(crate) keys: HashMap<Box<str>, KeyState>,
+    pub(crate) waiters: HashMap<WaiterId, LockWaiter>,
+    pub(crate) idem: HashMap<Box<str>, IdemEntry>,
+    pub(crate) idem_waiters: HashMap<WaiterId, IdemWaiter>,
+    /// Timers, one ordered set per kind; ties at one instant fire in the order
+    /// lease expiry, lock-delay end, idempotency record expiry, wait timeout.
+    pub(crate) lease_timers: BTreeSet<(TimeMs, LeaseId)>,
+    pub(crate) delay_timers: BTreeSet<(TimeMs, Box<str>)>,
+    pub(crate) idem_timers: BTreeSet<(TimeMs, Box<str>)>,
+    pub(crate) waiter_timers: BTreeSet<(TimeMs, WaiterId)>,
+    /// Keys whose queues must be re-examined (holders left, a waiter left, a delay ended).
+    pub(crate) worklist: Vec<Box<str>>,
+    pub(crate) notifications: Vec<Notification>,
+    pub(crate) events: Vec<Event>,
+    pub(crate) dirty: Dirty,
+    pub(crate) counters: Counters,
+    /// Keys with at least one holder.
+    pub(crate) held_keys: u64,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::new(Limits::default())
+    }
+}
+
 impl Engine {
     /// An empty engine with these limits.
     #[must_use]
     pub fn new(limits: Limits) -> Self {
-        Self { limits }
+        Self {
+            limits,
+            now_ms: 0,
+            fencing_next: 1,
+            event_seq_next: 1,
+            next_waiter_id: 1,
+            leases: HashMap::new(),
+            keys: HashMap::new(),
+            waiters: HashMap::new(),
+            idem: HashMap::new(),
+            idem_waiters: HashMap::new(),
+            lease_timers: BTreeSet::new(),
+            delay_timers: BTreeSet::new(),
+            idem_timers: BTreeSet::new(),
+            waiter_timers: BTreeSet::new(),
+            worklist: Vec::new(),
+            notifications: Vec::new(),
+            events: Vec::new(),
+            dirty: Dirty {
+                fencing_taken: 1,
+                seq_taken: 1,
+                ..Dirty::default()
+            },
+            counters: Counters::default(),
+            held_keys: 0,
+        }
     }
 
     /// Rebuild from durable state. Every lease's expiry is extended to at least
@@ -31,13 +146,13 @@ impl Engine {
         now_ms: TimeMs,
         grace_ms: u64,
     ) -> Result<Self, RestoreError> {
-        unimplemented!()
+        crate::snapshot::restore(limits, state, now_ms, grace_ms)
     }
 
     /// The complete durable state (for snapshots and tests).
     #[must_use]
     pub fn durable_state(&self) -> DurableState {
-        unimplemented!()
+        crate::snapshot::durable_state(self)
     }
 
     /// The limits in force.
@@ -47,25 +162,50 @@ impl Engine {
     }
 
     /// Acquire locks atomically: grant now, refuse, or queue (`wait_ms > 0`).
+    ///
+    /// A lease (existing, or the holder's lease a reentrant request joins) has at most one
+    /// queued request at a time: a second one that would have to wait is refused with
+    /// `Overloaded` (like a database session, a lease waits for one thing at a time; this
+    /// keeps deadlock detection at enqueue time complete).
     pub fn acquire(
         &mut self,
         now_ms: TimeMs,
         request: AcquireRequest,
     ) -> Result<AcquireOutcome, LockError> {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        let out = self.acquire_at(now, request);
+        self.run_grants(now);
+        out
     }
 
     /// Remove a queued request (its client went away). Returns false if it is not queued
     /// (already answered). A queued request that was granted but whose answer could not be
     /// delivered is undone with [`Engine::undo_grant`] instead.
     pub fn cancel_wait(&mut self, now_ms: TimeMs, waiter: WaiterId) -> bool {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        let found = if self.waiters.contains_key(&waiter) {
+            self.remove_waiter(waiter);
+            true
+        } else {
+            self.remove_idem_waiter(waiter).is_some()
+        };
+        self.run_grants(now);
+        found
     }
 
     /// Undo a grant that could not be delivered: release the lease it created, or release
     /// each key it joined once.
     pub fn undo_grant(&mut self, now_ms: TimeMs, grant: &Grant) {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        let id = grant.lease.lease_id;
+        if grant.created_lease {
+            self.remove_lease(id, now, &Removal::Released);
+        } else {
+            for g in &grant.granted {
+                let _ = self.release_one(now, id, &g.key);
+            }
+        }
+        self.run_grants(now);
     }
 
     /// Extend a lease (and all its locks) to `now_ms + ttl_ms` (`None`: its current TTL).
@@ -75,7 +215,27 @@ impl Engine {
         lease_id: LeaseId,
         ttl_ms: Option<u64>,
     ) -> Result<LeaseView, LockError> {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        if let Some(ttl) = ttl_ms {
+            validate::ttl_ms("ttl_ms", ttl, &self.limits)?;
+        }
+        let Some(lease) = self.leases.get(&lease_id) else {
+            return Err(LockError::LeaseNotFound { lease_id });
+        };
+        let ttl = ttl_ms.unwrap_or(lease.ttl_ms);
+        let holder = lease.holder.to_string();
+        self.set_expiry(lease_id, ttl, now);
+        self.emit(
+            now,
+            EventKind::Renewed,
+            None,
+            &holder,
+            None,
+            None,
+            None,
+            None,
+        );
+        Ok(self.lease_view_of(lease_id))
     }
 
     /// Release a lease and all its locks. Returns the lease as it was.
@@ -84,7 +244,12 @@ impl Engine {
         now_ms: TimeMs,
         lease_id: LeaseId,
     ) -> Result<LeaseView, LockError> {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        let lease = self
+            .remove_lease(lease_id, now, &Removal::Released)
+            .ok_or(LockError::LeaseNotFound { lease_id })?;
+        self.run_grants(now);
+        Ok(lease.view())
     }
 
     /// Release one lock of a lease: decrements its reentrant count, frees it at zero. Returns
@@ -95,18 +260,47 @@ impl Engine {
         lease_id: LeaseId,
         key: &str,
     ) -> Result<LeaseView, LockError> {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        let out = self.release_one(now, lease_id, key);
+        self.run_grants(now);
+        out.map(|()| self.lease_view_of(lease_id))
     }
 
     /// Admin: free a key from all its holders (whole count), applying lock-delay.
-    /// Returns the holders that lost it.
+    /// Returns the holders that lost it (their leases after the loss; they live on).
     pub fn force_release_lock(
         &mut self,
         now_ms: TimeMs,
         key: &str,
         reason: &str,
     ) -> Result<Vec<LeaseView>, LockError> {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        validate::admin_reason(reason)?;
+        let holders = match self.keys.get(key) {
+            Some(ks) if !ks.holders.is_empty() => ks.holders.clone(),
+            _ => {
+                return Err(LockError::LockNotFound {
+                    key: key.to_owned(),
+                });
+            }
+        };
+        self.counters.force_releases += 1;
+        let mut out = Vec::with_capacity(holders.len());
+        for id in holders {
+            if let Some(held) = self.take_lock(id, key) {
+                let holder = self.leases.get(&id).map(|l| l.holder.to_string());
+                self.dirty.leases.insert(id);
+                self.after_unhold(
+                    now,
+                    &holder.unwrap_or_default(),
+                    &held,
+                    &Removal::Forced(reason.to_owned()),
+                );
+                out.push(self.lease_view_of(id));
+            }
+        }
+        self.run_grants(now);
+        Ok(out)
     }
 
     /// Admin: release a whole lease involuntarily (lock-delay applies).
@@ -116,64 +310,173 @@ impl Engine {
         lease_id: LeaseId,
         reason: &str,
     ) -> Result<LeaseView, LockError> {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        validate::admin_reason(reason)?;
+        if !self.leases.contains_key(&lease_id) {
+            return Err(LockError::LeaseNotFound { lease_id });
+        }
+        self.counters.force_releases += 1;
+        let lease = self
+            .remove_lease(lease_id, now, &Removal::Forced(reason.to_owned()))
+            .ok_or(LockError::LeaseNotFound { lease_id })?;
+        self.run_grants(now);
+        Ok(lease.view())
     }
 
     /// Apply everything due by `now_ms`: lease expiries, wait timeouts, lock-delay ends,
     /// idempotency record expiry.
     pub fn tick(&mut self, now_ms: TimeMs) {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        self.run_grants(now);
     }
 
     /// The earliest time at which [`Engine::tick`] has something to do.
     #[must_use]
     pub fn next_deadline_ms(&self) -> Option<TimeMs> {
-        unimplemented!()
+        self.next_due().map(|(t, _)| t)
     }
 
     /// Answers for queued requests produced since the last call.
     pub fn take_notifications(&mut self) -> Vec<Notification> {
-        unimplemented!()
+        std::mem::take(&mut self.notifications)
     }
 
     /// Events produced since the last call, in sequence order.
     pub fn take_events(&mut self) -> Vec<Event> {
-        unimplemented!()
+        std::mem::take(&mut self.events)
     }
 
     /// Durable changes since the last call.
     pub fn take_changes(&mut self) -> ChangeSet {
-        unimplemented!()
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut cs = ChangeSet::default();
+        if self.fencing_next != dirty.fencing_taken {
+            cs.fencing_next = Some(self.fencing_next);
+        }
+        if self.event_seq_next != dirty.seq_taken {
+            cs.event_seq_next = Some(self.event_seq_next);
+        }
+        self.dirty.fencing_taken = self.fencing_next;
+        self.dirty.seq_taken = self.event_seq_next;
+        cs.leases = dirty
+            .leases
+            .into_iter()
+            .map(|id| (id, self.leases.get(&id).map(Lease::record)))
+            .collect::<BTreeMap<_, _>>();
+        cs.idempotency = dirty
+            .idempotency
+            .into_iter()
+            .map(|k| {
+                let rec = self.idem.get(&k).map(|e| e.record.clone());
+                (k.into_string(), rec)
+            })
+            .collect();
+        cs.lock_delays = dirty
+            .lock_delays
+            .into_iter()
+            .map(|k| {
+                let d = self.keys.get(&k).and_then(|ks| ks.delayed_until_ms);
+                (k.into_string(), d)
+            })
+            .collect();
+        cs
     }
 
     /// A lease, if live at `now_ms` (does not apply expiries).
     #[must_use]
     pub fn lease(&self, lease_id: LeaseId) -> Option<LeaseView> {
-        unimplemented!()
+        self.leases.get(&lease_id).map(Lease::view)
     }
 
     /// One key's holders, waiters and lock-delay; `None` if the key is entirely free.
     #[must_use]
     pub fn lock_info(&self, key: &str) -> Option<LockInfo> {
-        unimplemented!()
+        let ks = self.keys.get(key)?;
+        let holders = ks
+            .holders
+            .iter()
+            .filter_map(|id| {
+                let lease = self.leases.get(id)?;
+                Some((*id, holder_summary(lease, lease.lock(key)?)))
+            })
+            .collect();
+        let waiters = ks
+            .queue
+            .iter()
+            .filter_map(|w| {
+                let waiter = self.waiters.get(w)?;
+                let spec = waiter.locks.iter().find(|s| s.key == key)?;
+                Some(WaiterSummary {
+                    holder: waiter.holder.to_string(),
+                    kind: spec.kind,
+                    since_ms: waiter.since_ms,
+                    deadline_ms: waiter.deadline_ms,
+                })
+            })
+            .collect();
+        Some(LockInfo {
+            key: key.to_owned(),
+            holders,
+            waiters,
+            delayed_until_ms: ks.delayed_until_ms,
+        })
     }
 
-    /// Keys with holders or waiters, in key order, filtered.
+    /// Keys with holders, waiters or lock-delay, in key order, filtered.
     #[must_use]
     pub fn list_locks(&self, filter: &LockFilter) -> Vec<LockInfo> {
-        unimplemented!()
+        let mut keys: Vec<&str> = self
+            .keys
+            .iter()
+            .filter(|(k, _)| filter.prefix.as_deref().is_none_or(|p| k.starts_with(p)))
+            .filter(|(_, ks)| {
+                filter.holder.as_deref().is_none_or(|h| {
+                    ks.holders
+                        .iter()
+                        .any(|id| self.leases.get(id).is_some_and(|l| &*l.holder == h))
+                })
+            })
+            .map(|(k, _)| &**k)
+            .collect();
+        keys.sort_unstable();
+        keys.into_iter().filter_map(|k| self.lock_info(k)).collect()
     }
 
     /// Sequencer check: is `fencing_token` a current grant of `key`?
     #[must_use]
     pub fn check_fencing(&self, key: &str, fencing_token: u64) -> FencingCheck {
-        unimplemented!()
+        let current_tokens: Vec<u64> = self
+            .keys
+            .get(key)
+            .map(|ks| {
+                ks.holders
+                    .iter()
+                    .filter_map(|id| Some(self.leases.get(id)?.lock(key)?.fencing_token))
+                    .collect()
+            })
+            .unwrap_or_default();
+        FencingCheck {
+            current: current_tokens.contains(&fencing_token),
+            current_tokens,
+        }
     }
 
     /// Counters and gauges.
     #[must_use]
     pub fn stats(&self) -> Stats {
-        unimplemented!()
+        Stats {
+            active_locks: self.held_keys,
+            leases: self.leases.len() as u64,
+            waiters: (self.waiters.len() + self.idem_waiters.len()) as u64,
+            idempotency_records: self.idem.len() as u64,
+            grants_total: self.counters.grants,
+            releases_total: self.counters.releases,
+            timeouts_total: self.counters.timeouts,
+            deadlocks_total: self.counters.deadlocks,
+            expirations_total: self.counters.expirations,
+            force_releases_total: self.counters.force_releases,
+            fencing_next: self.fencing_next,
+        }
     }
 
     /// Begin an idempotent execution.
@@ -182,7 +485,10 @@ impl Engine {
         now_ms: TimeMs,
         request: IdempotencyBegin,
     ) -> Result<IdempotencyOutcome, LockError> {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        let out = self.idem_begin_at(now, request);
+        self.run_grants(now);
+        out
     }
 
     /// Store the result of an execution this lease started; releases the executor's lease
@@ -194,7 +500,10 @@ impl Engine {
         lease_id: LeaseId,
         result: IdempotencyResult,
     ) -> Result<IdempotencyRecord, LockError> {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        let out = self.idem_complete_at(now, key, lease_id, result);
+        self.run_grants(now);
+        out
     }
 
     /// Abandon an execution: the key becomes free for a retry (a waiting twin may start).
@@ -204,17 +513,846 @@ impl Engine {
         key: &str,
         lease_id: LeaseId,
     ) -> Result<(), LockError> {
-        unimplemented!()
+        let now = self.advance(now_ms);
+        let out = self.idem_abort_at(now, key, lease_id);
+        self.run_grants(now);
+        out
     }
 
     /// Read a record.
     #[must_use]
     pub fn idempotency_get(&self, key: &str) -> Option<IdempotencyRecord> {
-        unimplemented!()
+        self.idem.get(key).map(|e| e.record.clone())
     }
 
     /// Check every invariant; `Err` describes the first broken one.
     pub fn check_invariants(&self) -> Result<(), String> {
-        unimplemented!()
+        crate::invariants::check(self)
+    }
+}
+
+/// How a holder looks in refusals and listings.
+pub(crate) fn holder_summary(lease: &Lease, held: &HeldLock) -> HolderSummary {
+    HolderSummary {
+        holder: lease.holder.to_string(),
+        kind: held.kind,
+        since_ms: held.acquired_at_ms,
+        expires_at_ms: lease.expires_at_ms,
+        reason: lease.reason.as_deref().map(str::to_owned),
+        fencing_token: held.fencing_token,
+        count: held.count,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Internal machinery.
+// ---------------------------------------------------------------------------------------
+
+impl Engine {
+    // ----- time -----
+
+    /// The next timer: (time, rank) with rank 0 lease expiry, 1 lock-delay end,
+    /// 2 idempotency record expiry, 3 wait timeout.
+    pub(crate) fn next_due(&self) -> Option<(TimeMs, u8)> {
+        let candidates = [
+            self.lease_timers.first().map(|(t, _)| (*t, 0u8)),
+            self.delay_timers.first().map(|(t, _)| (*t, 1u8)),
+            self.idem_timers.first().map(|(t, _)| (*t, 2u8)),
+            self.waiter_timers.first().map(|(t, _)| (*t, 3u8)),
+        ];
+        candidates.into_iter().flatten().min()
+    }
+
+    /// Apply every timer due by `now` in time order (each at its own instant, so the result
+    /// does not depend on how often the host ticks). Returns the effective now.
+    pub(crate) fn advance(&mut self, now_ms: TimeMs) -> TimeMs {
+        let now = now_ms.max(self.now_ms);
+        while let Some((t, rank)) = self.next_due() {
+            if t > now {
+                break;
+            }
+            match rank {
+                0 => {
+                    if let Some(&(_, id)) = self.lease_timers.first() {
+                        // remove_lease deletes the timer entry.
+                        if self.remove_lease(id, t, &Removal::Expired).is_some() {
+                            self.counters.expirations += 1;
+                        } else {
+                            self.lease_timers.pop_first();
+                        }
+                    }
+                }
+                1 => {
+                    if let Some((_, key)) = self.delay_timers.pop_first()
+                        && let Some(ks) = self.keys.get_mut(&key)
+                    {
+                        ks.delayed_until_ms = None;
+                        self.dirty.lock_delays.insert(key.clone());
+                        self.worklist.push(key.clone());
+                        self.gc_key(&key);
+                    }
+                }
+                2 => {
+                    if let Some((_, key)) = self.idem_timers.pop_first() {
+                        self.idem.remove(&key);
+                        self.dirty.idempotency.insert(key);
+                    }
+                }
+                _ => {
+                    if let Some(&(_, w)) = self.waiter_timers.first() {
+                        self.time_out(w, t);
+                        // time_out deletes the timer entry; make sure a stale one goes too.
+                        self.waiter_timers.remove(&(t, w));
+                    }
+                }
+            }
+            self.run_grants(t);
+        }
+        self.now_ms = now;
+        now
+    }
+
+    fn set_expiry(&mut self, id: LeaseId, ttl_ms: u64, now: TimeMs) {
+        if let Some(lease) = self.leases.get_mut(&id) {
+            self.lease_timers.remove(&(lease.expires_at_ms, id));
+            lease.ttl_ms = ttl_ms;
+            lease.expires_at_ms = now.saturating_add(ttl_ms);
+            self.lease_timers.insert((lease.expires_at_ms, id));
+            self.dirty.leases.insert(id);
+        }
+    }
+
+    // ----- events and notifications -----
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn emit(
+        &mut self,
+        at_ms: TimeMs,
+        kind: EventKind,
+        key: Option<&str>,
+        holder: &str,
+        lock_kind: Option<LockKind>,
+        fencing_token: Option<u64>,
+        held_ms: Option<u64>,
+        waited_ms: Option<u64>,
+    ) {
+        let seq = self.event_seq_next;
+        self.event_seq_next += 1;
+        self.events.push(Event {
+            seq,
+            at_ms,
+            kind,
+            key: key.map(str::to_owned),
+            holder: holder.to_owned(),
+            lock_kind,
+            fencing_token,
+            held_ms,
+            waited_ms,
+        });
+    }
+
+    pub(crate) fn notify(&mut self, waiter: WaiterId, outcome: WaitOutcome) {
+        self.notifications.push(Notification { waiter, outcome });
+    }
+
+    pub(crate) fn lease_view_of(&self, id: LeaseId) -> LeaseView {
+        self.leases
+            .get(&id)
+            .map_or_else(|| empty_view(id), Lease::view)
+    }
+
+    // ----- demand and grantability -----
+
+    /// What queued request `w` needs on `key` (`None`: nothing that can block).
+    pub(crate) fn waiter_demand(&self, w: &LockWaiter, key: &str) -> Option<LockKind> {
+        let spec = w.locks.iter().find(|s| s.key == key)?;
+        let held = w
+            .target_lease()
+            .and_then(|id| self.leases.get(&id))
+            .and_then(|l| l.lock(key));
+        demand(held, spec.kind)
+    }
+
+    /// What the queued requests ahead of `before` (all of them if `None`) need on a key.
+    fn queue_usage(&self, ks: &KeyState, key: &str, before: Option<WaiterId>) -> Usage {
+        let mut u = Usage::default();
+        for w in &ks.queue {
+            if before.is_some_and(|b| *w >= b) {
+                break;
+            }
+            if let Some(d) = self.waiters.get(w).and_then(|x| self.waiter_demand(x, key)) {
+                u.add(d);
+            }
+        }
+        u
+    }
+
+    /// Can a request of lease `own` get `spec` at `t`, given the requests queued before
+    /// `before` (`None`: the whole queue)?
+    fn key_admits(
+        &self,
+        own: Option<&Lease>,
+        spec: &LockSpec,
+        before: Option<WaiterId>,
+        t: TimeMs,
+    ) -> bool {
+        let held = own.and_then(|l| l.lock(&spec.key));
+        let Some(d) = demand(held, spec.kind) else {
+            return true;
+        };
+        let Some(ks) = self.keys.get(spec.key.as_str()) else {
+            return true;
+        };
+        if ks.delayed_at(t) {
+            return false;
+        }
+        let mut holders = ks.held;
+        if let Some(h) = held {
+            holders.sub(h.kind);
+        }
+        holders
+            .with(self.queue_usage(ks, &spec.key, before))
+            .admits(d)
+    }
+
+    /// The first key (in request order) on which the request cannot be granted now.
+    fn first_blocked<'a>(
+        &self,
+        own: Option<LeaseId>,
+        locks: &'a [LockSpec],
+        before: Option<WaiterId>,
+        t: TimeMs,
+    ) -> Option<&'a LockSpec> {
+        let own = own.and_then(|id| self.leases.get(&id));
+        locks.iter().find(|s| !self.key_admits(own, s, before, t))
+    }
+
+    fn holder_summaries(&self, key: &str) -> Vec<HolderSummary> {
+        self.keys
+            .get(key)
+            .map(|ks| {
+                ks.holders
+                    .iter()
+                    .filter_map(|id| {
+                        let lease = self.leases.get(id)?;
+                        Some(holder_summary(lease, lease.lock(key)?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How a key in use is used now (for `LimitMismatch`): a holder's kind, else a waiter's.
+    fn existing_kind(&self, key: &str, ks: &KeyState) -> Option<LockKind> {
+        ks.holders
+            .iter()
+            .find_map(|id| Some(self.leases.get(id)?.lock(key)?.kind))
+            .or_else(|| {
+                ks.queue.iter().find_map(|w| {
+                    let waiter = self.waiters.get(w)?;
+                    Some(waiter.locks.iter().find(|s| s.key == key)?.kind)
+                })
+            })
+    }
+
+    // ----- acquire -----
+
+    /// The holder's lease a reentrant request joins: one of the holder's leases (same owner
+    /// credential) that holds one of the requested keys, first in request order.
+    fn find_join(&self, nl: &NewLease, locks: &[LockSpec]) -> Option<LeaseId> {
+        locks.iter().find_map(|spec| {
+            let ks = self.keys.get(spec.key.as_str())?;
+            ks.holders.iter().copied().find(|id| {
+                self.leases.get(id).is_some_and(|l| {
+                    *l.holder == *nl.holder && l.owner.as_deref() == nl.owner.as_deref()
+                })
+            })
+        })
+    }
+
+    fn acquire_at(
+        &mut self,
+        now: TimeMs,
+        request: AcquireRequest,
+    ) -> Result<AcquireOutcome, LockError> {
+        validate::locks(&request.locks, &self.limits)?;
+        validate::wait_ms(request.wait_ms, &self.limits)?;
+        let (target, join) = match &request.target {
+            LeaseTarget::New(nl) => {
+                validate::new_lease(nl, &self.limits)?;
+                let join = if request.reentrant {
+                    self.find_join(nl, &request.locks)
+                } else {
+                    None
+                };
+                match join {
+                    Some(id) => (Some(id), Some((nl.ttl_ms, nl.reason.clone()))),
+                    None => (None, None),
+                }
+            }
+            LeaseTarget::Existing(id) => {
+                if !self.leases.contains_key(id) {
+                    return Err(LockError::LeaseNotFound { lease_id: *id });
+                }
+                (Some(*id), None)
+            }
+        };
+        let own = target.and_then(|id| self.leases.get(&id));
+        for (i, spec) in request.locks.iter().enumerate() {
+            if let Some(ks) = self.keys.get(spec.key.as_str())
+                && ks.in_use()
+                && ks.family != Family::of(spec.kind)
+            {
+                return Err(LockError::LimitMismatch {
+                    key: spec.key.clone(),
+                    existing: self.existing_kind(&spec.key, ks).unwrap_or(spec.kind),
+                    requested: spec.kind,
+                });
+            }
+            if let Some(h) = own.and_then(|l| l.lock(&spec.key))
+                && let (
+                    LockKind::Semaphore { permits: have, .. },
+                    LockKind::Semaphore { permits: want, .. },
+                ) = (h.kind, spec.kind)
+                && have != want
+            {
+                return Err(validate::invalid(
+                    format!("locks[{i}].kind.permits"),
+                    format!(
+                        "the lease already holds {have} permits of {}; a reentrant request must ask for the same number",
+                        spec.key
+                    ),
+                ));
+            }
+        }
+
+        let Some(blocked) = self.first_blocked(target, &request.locks, None, now) else {
+            let grant_target = match (target, request.target) {
+                (Some(id), _) => GrantTarget::Lease(id),
+                (None, LeaseTarget::New(nl)) => GrantTarget::New(nl),
+                (None, LeaseTarget::Existing(id)) => GrantTarget::Lease(id),
+            };
+            return self
+                .do_grant(now, grant_target, &request.locks, join, None)
+                .map(AcquireOutcome::Granted);
+        };
+        let blocked_key = blocked.key.clone();
+        let blocked_kind = blocked.kind;
+        if request.wait_ms == 0 {
+            let delayed_until_ms = self
+                .keys
+                .get(blocked_key.as_str())
+                .and_then(|ks| ks.delayed_until_ms)
+                .filter(|d| *d > now);
+            return Err(LockError::LockHeld {
+                holders: self.holder_summaries(&blocked_key),
+                key: blocked_key,
+                delayed_until_ms,
+            });
+        }
+        if let Some(id) = target
+            && self.leases.get(&id).is_some_and(|l| l.pending.is_some())
+        {
+            return Err(LockError::Overloaded {
+                what: "queued requests of this lease".to_owned(),
+                limit: 1,
+            });
+        }
+        for spec in &request.locks {
+            if let Some(ks) = self.keys.get(spec.key.as_str())
+                && ks.queue.len() >= self.limits.waiters_per_key_max
+            {
+                return Err(LockError::Overloaded {
+                    what: format!("waiters on key {}", spec.key),
+                    limit: self.limits.waiters_per_key_max as u64,
+                });
+            }
+        }
+        let holder = match (&request.target, target) {
+            (LeaseTarget::New(nl), _) => nl.holder.clone(),
+            (LeaseTarget::Existing(_), Some(id)) => self
+                .leases
+                .get(&id)
+                .map(|l| l.holder.to_string())
+                .unwrap_or_default(),
+            (LeaseTarget::Existing(id), None) => {
+                return Err(LockError::LeaseNotFound { lease_id: *id });
+            }
+        };
+        if let Some(id) = target
+            && let Some(cycle) = self.find_deadlock(id, &request.locks)
+        {
+            self.counters.deadlocks += 1;
+            self.emit(
+                now,
+                EventKind::Deadlock,
+                Some(&blocked_key),
+                &holder,
+                Some(blocked_kind),
+                None,
+                None,
+                None,
+            );
+            return Err(LockError::Deadlock {
+                key: blocked_key,
+                cycle,
+            });
+        }
+
+        // Queue on every key the request names, in arrival order.
+        let id = WaiterId(self.next_waiter_id);
+        self.next_waiter_id += 1;
+        for spec in &request.locks {
+            let family = Family::of(spec.kind);
+            let ks = self
+                .keys
+                .entry(spec.key.as_str().into())
+                .or_insert_with(|| KeyState::new(family));
+            if !ks.in_use() {
+                ks.family = family;
+            }
+            ks.queue.push_back(id);
+        }
+        let deadline_ms = now.saturating_add(request.wait_ms);
+        self.waiter_timers.insert((deadline_ms, id));
+        if let Some(lid) = target
+            && let Some(l) = self.leases.get_mut(&lid)
+        {
+            l.pending = Some(id);
+        }
+        let wait_target = match (target, request.target) {
+            (Some(lid), _) => WaitTarget::Lease(lid),
+            (None, LeaseTarget::New(nl)) => WaitTarget::New(nl),
+            (None, LeaseTarget::Existing(lid)) => WaitTarget::Lease(lid),
+        };
+        self.waiters.insert(
+            id,
+            LockWaiter {
+                target: wait_target,
+                join,
+                holder: holder.into(),
+                locks: request.locks,
+                since_ms: now,
+                deadline_ms,
+            },
+        );
+        Ok(AcquireOutcome::Queued(id))
+    }
+
+    /// Create a lease that holds nothing yet.
+    pub(crate) fn create_lease(
+        &mut self,
+        nl: &NewLease,
+        t: TimeMs,
+        executing: Option<Box<str>>,
+    ) -> Result<LeaseId, LockError> {
+        if self.leases.contains_key(&nl.lease_id) {
+            return Err(validate::invalid(
+                "lease_id",
+                "a lease with this id already exists",
+            ));
+        }
+        let expires_at_ms = t.saturating_add(nl.ttl_ms);
+        self.leases.insert(
+            nl.lease_id,
+            Lease {
+                id: nl.lease_id,
+                holder: nl.holder.as_str().into(),
+                ttl_ms: nl.ttl_ms,
+                expires_at_ms,
+                created_at_ms: t,
+                reason: nl.reason.as_deref().map(Into::into),
+                metadata: nl.metadata.as_deref().map(Into::into),
+                owner: nl.owner.as_deref().map(Into::into),
+                locks: Vec::new(),
+                pending: None,
+                executing,
+            },
+        );
+        self.lease_timers.insert((expires_at_ms, nl.lease_id));
+        self.dirty.leases.insert(nl.lease_id);
+        Ok(nl.lease_id)
+    }
+
+    /// Grant every lock of a request (the caller checked it is grantable).
+    fn do_grant(
+        &mut self,
+        t: TimeMs,
+        target: GrantTarget,
+        locks: &[LockSpec],
+        join: Option<(u64, Option<String>)>,
+        since: Option<TimeMs>,
+    ) -> Result<Grant, LockError> {
+        let (id, created_lease) = match target {
+            GrantTarget::New(nl) => (self.create_lease(&nl, t, None)?, true),
+            GrantTarget::Lease(id) => {
+                if !self.leases.contains_key(&id) {
+                    return Err(LockError::LeaseNotFound { lease_id: id });
+                }
+                (id, false)
+            }
+        };
+        if let Some((ttl_ms, reason)) = join {
+            self.set_expiry(id, ttl_ms, t);
+            if let Some(r) = reason
+                && let Some(l) = self.leases.get_mut(&id)
+            {
+                l.reason = Some(r.into());
+            }
+        }
+        let waited_ms = since.map(|s| t.saturating_sub(s));
+        let mut granted = Vec::with_capacity(locks.len());
+        for spec in locks {
+            granted.push(self.grant_one(t, id, spec, waited_ms));
+        }
+        self.dirty.leases.insert(id);
+        Ok(Grant {
+            lease: self.lease_view_of(id),
+            granted,
+            created_lease,
+        })
+    }
+
+    fn grant_one(
+        &mut self,
+        t: TimeMs,
+        id: LeaseId,
+        spec: &LockSpec,
+        waited_ms: Option<u64>,
+    ) -> HeldLockView {
+        let Some(lease) = self.leases.get_mut(&id) else {
+            return HeldLockView {
+                key: spec.key.clone(),
+                kind: spec.kind,
+                fencing_token: 0,
+                count: 0,
+                acquired_at_ms: t,
+                lock_delay_ms: spec.lock_delay_ms,
+            };
+        };
+        let view = match lease.lock_index(&spec.key) {
+            Ok(i) => {
+                let h = &mut lease.locks[i];
+                h.count += 1;
+                if h.kind == LockKind::Shared && spec.kind == LockKind::Exclusive {
+                    // Upgrade: the grant becomes exclusive under a new fencing token and moves
+                    // to the end of the key's grant order.
+                    h.kind = LockKind::Exclusive;
+                    h.fencing_token = self.fencing_next;
+                    self.fencing_next += 1;
+                    if let Some(ks) = self.keys.get_mut(spec.key.as_str()) {
+                        ks.held.sub(LockKind::Shared);
+                        ks.held.add(LockKind::Exclusive);
+                        ks.holders.retain(|x| *x != id);
+                        ks.holders.push(id);
+                    }
+                }
+                h.view()
+            }
+            Err(i) => {
+                let h = HeldLock {
+                    key: spec.key.as_str().into(),
+                    kind: spec.kind,
+                    fencing_token: self.fencing_next,
+                    count: 1,
+                    acquired_at_ms: t,
+                    lock_delay_ms: spec.lock_delay_ms,
+                };
+                self.fencing_next += 1;
+                let view = h.view();
+                lease.locks.insert(i, h);
+                let family = Family::of(spec.kind);
+                let ks = self
+                    .keys
+                    .entry(spec.key.as_str().into())
+                    .or_insert_with(|| KeyState::new(family));
+                if !ks.in_use() {
+                    ks.family = family;
+                }
+                ks.holders.push(id);
+                ks.held.add(spec.kind);
+                if ks.holders.len() == 1 {
+                    self.held_keys += 1;
+                }
+                view
+            }
+        };
+        let holder = lease.holder.to_string();
+        self.counters.grants += 1;
+        self.emit(
+            t,
+            EventKind::Granted,
+            Some(&spec.key),
+            &holder,
+            Some(view.kind),
+            Some(view.fencing_token),
+            None,
+            waited_ms,
+        );
+        view
+    }
+
+    // ----- queue scans -----
+
+    /// Grant every queued request that has become grantable. Grants are confluent: granting
+    /// one request never makes another one grantable or ungrantable, so the scan order only
+    /// decides the order of notifications, and it is deterministic.
+    pub(crate) fn run_grants(&mut self, t: TimeMs) {
+        while let Some(key) = self.worklist.pop() {
+            self.scan_key(&key, t);
+        }
+    }
+
+    fn scan_key(&mut self, key: &str, t: TimeMs) {
+        let Some(ks) = self.keys.get(key) else { return };
+        if ks.queue.is_empty() || ks.delayed_at(t) {
+            return;
+        }
+        let family = ks.family;
+        let queue: Vec<WaiterId> = ks.queue.iter().copied().collect();
+        let mut ahead = Usage::default();
+        for w in queue {
+            let Some(waiter) = self.waiters.get(&w) else {
+                continue;
+            };
+            let own = waiter.target_lease().and_then(|id| self.leases.get(&id));
+            let Some(spec) = waiter.locks.iter().find(|s| s.key == key) else {
+                continue;
+            };
+            let held = own.and_then(|l| l.lock(key));
+            let d = demand(held, spec.kind);
+            let here = match d {
+                None => true,
+                Some(d) => self.keys.get(key).is_some_and(|ks| {
+                    let mut holders = ks.held;
+                    if let Some(h) = held {
+                        holders.sub(h.kind);
+                    }
+                    holders.with(ahead).admits(d)
+                }),
+            };
+            let grantable = here
+                && waiter
+                    .locks
+                    .iter()
+                    .filter(|s| s.key != key)
+                    .all(|s| self.key_admits(own, s, Some(w), t));
+            if grantable {
+                self.grant_waiter(w, t);
+            } else if let Some(d) = d {
+                ahead.add(d);
+                if ahead.full(family) {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn grant_waiter(&mut self, w: WaiterId, t: TimeMs) {
+        let Some(waiter) = self.remove_waiter(w) else {
+            return;
+        };
+        let target = match waiter.target {
+            WaitTarget::New(nl) => GrantTarget::New(nl),
+            WaitTarget::Lease(id) => GrantTarget::Lease(id),
+        };
+        let outcome =
+            match self.do_grant(t, target, &waiter.locks, waiter.join, Some(waiter.since_ms)) {
+                Ok(g) => WaitOutcome::Granted(g),
+                Err(e) => WaitOutcome::Failed(e),
+            };
+        self.notify(w, outcome);
+    }
+
+    /// Take a lock waiter out of every queue and index. Keys it leaves are re-examined.
+    pub(crate) fn remove_waiter(&mut self, w: WaiterId) -> Option<LockWaiter> {
+        let waiter = self.waiters.remove(&w)?;
+        self.waiter_timers.remove(&(waiter.deadline_ms, w));
+        for spec in &waiter.locks {
+            if let Some(ks) = self.keys.get_mut(spec.key.as_str()) {
+                ks.remove_waiter(w);
+            }
+            self.worklist.push(spec.key.as_str().into());
+            self.gc_key(&spec.key);
+        }
+        if let Some(id) = waiter.target_lease()
+            && let Some(l) = self.leases.get_mut(&id)
+            && l.pending == Some(w)
+        {
+            l.pending = None;
+        }
+        Some(waiter)
+    }
+
+    fn time_out(&mut self, w: WaiterId, t: TimeMs) {
+        if self.waiters.contains_key(&w) {
+            let (key, first_key, kind, holder, since) = {
+                let Some(waiter) = self.waiters.get(&w) else {
+                    return;
+                };
+                let blocked = self
+                    .first_blocked(waiter.target_lease(), &waiter.locks, Some(w), t)
+                    .unwrap_or(&waiter.locks[0]);
+                (
+                    blocked.key.clone(),
+                    waiter.locks[0].key.clone(),
+                    waiter.locks[0].kind,
+                    waiter.holder.to_string(),
+                    waiter.since_ms,
+                )
+            };
+            let holders = self.holder_summaries(&key);
+            self.remove_waiter(w);
+            self.counters.timeouts += 1;
+            self.emit(
+                t,
+                EventKind::TimedOut,
+                Some(&first_key),
+                &holder,
+                Some(kind),
+                None,
+                None,
+                Some(t.saturating_sub(since)),
+            );
+            self.notify(
+                w,
+                WaitOutcome::Failed(LockError::WaitTimeout { key, holders }),
+            );
+        } else {
+            self.idem_time_out(w, t);
+        }
+    }
+
+    // ----- releases -----
+
+    /// Remove key state that no longer holds anything.
+    pub(crate) fn gc_key(&mut self, key: &str) {
+        if self.keys.get(key).is_some_and(KeyState::is_empty) {
+            self.keys.remove(key);
+        }
+    }
+
+    /// Detach a lock from a lease and from the key's holders (no events, no delay).
+    fn take_lock(&mut self, id: LeaseId, key: &str) -> Option<HeldLock> {
+        let lease = self.leases.get_mut(&id)?;
+        let i = lease.lock_index(key).ok()?;
+        let held = lease.locks.remove(i);
+        self.unhold(id, &held);
+        Some(held)
+    }
+
+    /// Remove a lease from a key's holders.
+    fn unhold(&mut self, id: LeaseId, held: &HeldLock) {
+        if let Some(ks) = self.keys.get_mut(&held.key)
+            && let Some(pos) = ks.holders.iter().position(|x| *x == id)
+        {
+            ks.holders.remove(pos);
+            ks.held.sub(held.kind);
+            if ks.holders.is_empty() {
+                self.held_keys -= 1;
+            }
+        }
+    }
+
+    /// Event, lock-delay and queue wake-up after a lock left its holder.
+    fn after_unhold(&mut self, t: TimeMs, holder: &str, held: &HeldLock, how: &Removal) {
+        let kind = match how {
+            Removal::Released => {
+                self.counters.releases += 1;
+                EventKind::Released
+            }
+            Removal::Expired => EventKind::Expired,
+            Removal::Forced(reason) => EventKind::ForceReleased {
+                reason: reason.clone(),
+            },
+        };
+        self.emit(
+            t,
+            kind,
+            Some(&held.key),
+            holder,
+            Some(held.kind),
+            Some(held.fencing_token),
+            Some(t.saturating_sub(held.acquired_at_ms)),
+            None,
+        );
+        if !matches!(how, Removal::Released) && held.lock_delay_ms > 0 {
+            self.set_delay(&held.key, t.saturating_add(held.lock_delay_ms));
+        }
+        self.worklist.push(held.key.clone());
+        self.gc_key(&held.key);
+    }
+
+    fn set_delay(&mut self, key: &str, until: TimeMs) {
+        if let Some(ks) = self.keys.get_mut(key) {
+            let old = ks.delayed_until_ms;
+            if old.is_some_and(|o| o >= until) {
+                return;
+            }
+            if let Some(o) = old {
+                self.delay_timers.remove(&(o, Box::from(key)));
+            }
+            ks.delayed_until_ms = Some(until);
+            self.delay_timers.insert((until, key.into()));
+            self.dirty.lock_delays.insert(key.into());
+        }
+    }
+
+    /// Release one hold of `key` by a lease (voluntary).
+    fn release_one(&mut self, t: TimeMs, id: LeaseId, key: &str) -> Result<(), LockError> {
+        let lease = self
+            .leases
+            .get_mut(&id)
+            .ok_or(LockError::LeaseNotFound { lease_id: id })?;
+        let i = lease.lock_index(key).map_err(|_| LockError::LockNotHeld {
+            key: key.to_owned(),
+        })?;
+        self.dirty.leases.insert(id);
+        if lease.locks[i].count > 1 {
+            lease.locks[i].count -= 1;
+            return Ok(());
+        }
+        let held = lease.locks.remove(i);
+        let holder = lease.holder.to_string();
+        self.unhold(id, &held);
+        self.after_unhold(t, &holder, &held, &Removal::Released);
+        Ok(())
+    }
+
+    /// Remove a lease with all its locks; its queued request fails; an idempotency
+    /// execution it ran returns to free.
+    pub(crate) fn remove_lease(&mut self, id: LeaseId, t: TimeMs, how: &Removal) -> Option<Lease> {
+        let lease = self.leases.remove(&id)?;
+        self.lease_timers.remove(&(lease.expires_at_ms, id));
+        self.dirty.leases.insert(id);
+        for held in &lease.locks {
+            self.unhold(id, held);
+            self.after_unhold(t, &lease.holder, held, how);
+        }
+        if let Some(w) = lease.pending {
+            self.remove_waiter(w);
+            self.notify(
+                w,
+                WaitOutcome::Failed(LockError::LeaseNotFound { lease_id: id }),
+            );
+        }
+        if let Some(key) = &lease.executing {
+            self.idem_executor_gone(key, id, t);
+        }
+        Some(lease)
+    }
+}
+
+fn empty_view(id: LeaseId) -> LeaseView {
+    LeaseView {
+        lease_id: id,
+        holder: String::new(),
+        ttl_ms: 0,
+        expires_at_ms: 0,
+        created_at_ms: 0,
+        reason: None,
+        metadata: None,
+        owner: None,
+        locks: Vec::new(),
     }
 }

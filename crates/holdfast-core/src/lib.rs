@@ -25,7 +25,14 @@ pub mod error;
 pub mod limits;
 pub mod types;
 
+mod deadlock;
 mod engine;
+mod idempotency;
+mod invariants;
+mod keys;
+mod leases;
+mod snapshot;
+mod validate;
 
 pub use engine::Engine;
 pub use error::{LockError, RestoreError};

@@ -43,7 +43,9 @@ impl FromStr for LeaseId {
         if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(ParseLeaseIdError);
         }
-        u128::from_str_radix(s, 16).map(LeaseId).map_err(|_| ParseLeaseIdError)
+        u128::from_str_radix(s, 16)
+            .map(LeaseId)
+            .map_err(|_| ParseLeaseIdError)
     }
 }
 

@@ -1,0 +1,159 @@
+//! Per-key state: who holds the key, who waits for it (FIFO), lock-delay; and the
+//! compatibility arithmetic shared by grants, queue scans and deadlock detection.
+
+use std::collections::VecDeque;
+
+use crate::types::{LeaseId, LockKind, LockSpec, NewLease, TimeMs, WaiterId};
+
+/// How a key is used while it is in use: the exclusive/shared family, or a semaphore with
+/// a fixed limit. Fixed while the key has holders or waiters (`LimitMismatch` otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    ReadWrite,
+    Semaphore(u32),
+}
+
+impl Family {
+    pub fn of(kind: LockKind) -> Family {
+        match kind {
+            LockKind::Exclusive | LockKind::Shared => Family::ReadWrite,
+            LockKind::Semaphore { limit, .. } => Family::Semaphore(limit),
+        }
+    }
+}
+
+/// Sum of what a set of grants or requests uses on one key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Usage {
+    pub exclusive: u32,
+    pub shared: u32,
+    pub permits: u64,
+}
+
+impl Usage {
+    pub fn add(&mut self, kind: LockKind) {
+        match kind {
+            LockKind::Exclusive => self.exclusive += 1,
+            LockKind::Shared => self.shared += 1,
+            LockKind::Semaphore { permits, .. } => self.permits += u64::from(permits),
+        }
+    }
+
+    pub fn sub(&mut self, kind: LockKind) {
+        match kind {
+            LockKind::Exclusive => self.exclusive -= 1,
+            LockKind::Shared => self.shared -= 1,
+            LockKind::Semaphore { permits, .. } => self.permits -= u64::from(permits),
+        }
+    }
+
+    pub fn with(mut self, other: Usage) -> Usage {
+        self.exclusive += other.exclusive;
+        self.shared += other.shared;
+        self.permits += other.permits;
+        self
+    }
+
+    /// Can `kind` be added on top of this usage?
+    pub fn admits(&self, kind: LockKind) -> bool {
+        match kind {
+            LockKind::Exclusive => self.exclusive == 0 && self.shared == 0 && self.permits == 0,
+            LockKind::Shared => self.exclusive == 0,
+            LockKind::Semaphore { limit, permits } => {
+                self.permits + u64::from(permits) <= u64::from(limit)
+            }
+        }
+    }
+
+    /// True if no request of this family can be added (a queue scan may stop here).
+    pub fn full(&self, family: Family) -> bool {
+        match family {
+            Family::ReadWrite => self.exclusive > 0,
+            Family::Semaphore(limit) => self.permits >= u64::from(limit),
+        }
+    }
+}
+
+/// Two single grants/requests conflict (used for the wait-for graph of exclusive/shared keys).
+pub(crate) fn conflicts(a: LockKind, b: LockKind) -> bool {
+    matches!(
+        (a, b),
+        (LockKind::Exclusive, LockKind::Exclusive | LockKind::Shared)
+            | (LockKind::Shared, LockKind::Exclusive)
+    )
+}
+
+/// One key in use.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyState {
+    pub family: Family,
+    /// Holding leases in grant order (ascending fencing token).
+    pub holders: Vec<LeaseId>,
+    /// What the holders use together.
+    pub held: Usage,
+    /// Queued lock requests naming this key, in arrival order (ascending id).
+    pub queue: VecDeque<WaiterId>,
+    /// Lock-delay: no new grants before this time.
+    pub delayed_until_ms: Option<TimeMs>,
+}
+
+impl KeyState {
+    pub fn new(family: Family) -> Self {
+        KeyState {
+            family,
+            holders: Vec::with_capacity(1),
+            held: Usage::default(),
+            queue: VecDeque::new(),
+            delayed_until_ms: None,
+        }
+    }
+
+    /// Held or queued: the family is fixed.
+    pub fn in_use(&self) -> bool {
+        !self.holders.is_empty() || !self.queue.is_empty()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.in_use() && self.delayed_until_ms.is_none()
+    }
+
+    pub fn delayed_at(&self, t: TimeMs) -> bool {
+        self.delayed_until_ms.is_some_and(|d| d > t)
+    }
+
+    pub fn remove_waiter(&mut self, w: WaiterId) {
+        if let Ok(i) = self.queue.binary_search(&w) {
+            self.queue.remove(i);
+        }
+    }
+}
+
+/// Which lease a queued lock request is for.
+#[derive(Clone, Debug)]
+pub(crate) enum WaitTarget {
+    /// Creates this lease when granted.
+    New(NewLease),
+    /// Adds to this lease (incremental acquisition or reentrant join).
+    Lease(LeaseId),
+}
+
+/// A queued lock request.
+#[derive(Clone, Debug)]
+pub(crate) struct LockWaiter {
+    pub target: WaitTarget,
+    /// Reentrant join: refresh the lease's TTL (and reason, if given) on grant.
+    pub join: Option<(u64, Option<String>)>,
+    pub holder: Box<str>,
+    pub locks: Vec<LockSpec>,
+    pub since_ms: TimeMs,
+    pub deadline_ms: TimeMs,
+}
+
+impl LockWaiter {
+    pub fn target_lease(&self) -> Option<LeaseId> {
+        match self.target {
+            WaitTarget::New(_) => None,
+            WaitTarget::Lease(id) => Some(id),
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Leases and the locks they hold.
+//!
+//! A lease owns its held locks (the per-grant facts: kind, fencing token, count, times); the key
+//! table only lists which leases hold a key. Strings are boxed (`Box<str>`, 16 bytes) to keep a
+//! held lock small.
+
+use crate::types::{HeldLockView, LeaseId, LeaseRecord, LeaseView, LockKind, TimeMs, WaiterId};
+
+/// One lock held by a lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HeldLock {
+    pub key: Box<str>,
+    pub kind: LockKind,
+    pub fencing_token: u64,
+    pub count: u32,
+    pub acquired_at_ms: TimeMs,
+    pub lock_delay_ms: u64,
+}
+
+impl HeldLock {
+    pub fn view(&self) -> HeldLockView {
+        HeldLockView {
+            key: self.key.to_string(),
+            kind: self.kind,
+            fencing_token: self.fencing_token,
+            count: self.count,
+            acquired_at_ms: self.acquired_at_ms,
+            lock_delay_ms: self.lock_delay_ms,
+        }
+    }
+
+    pub fn from_view(v: &HeldLockView) -> Self {
+        HeldLock {
+            key: v.key.as_str().into(),
+            kind: v.kind,
+            fencing_token: v.fencing_token,
+            count: v.count,
+            acquired_at_ms: v.acquired_at_ms,
+            lock_delay_ms: v.lock_delay_ms,
+        }
+    }
+}
+
+/// A live lease.
+#[derive(Clone, Debug)]
+pub(crate) struct Lease {
+    pub id: LeaseId,
+    pub holder: Box<str>,
+    pub ttl_ms: u64,
+    pub expires_at_ms: TimeMs,
+    pub created_at_ms: TimeMs,
+    pub reason: Option<Box<str>>,
+    pub metadata: Option<Box<str>>,
+    pub owner: Option<Box<str>>,
+    /// Held locks, sorted by key (binary search; listings need key order anyway).
+    pub locks: Vec<HeldLock>,
+    /// The lease's one queued lock request (incremental or reentrant join), if any.
+    pub pending: Option<WaiterId>,
+    /// The idempotency record this lease is executing, if any.
+    pub executing: Option<Box<str>>,
+}
+
+impl Lease {
+    pub fn lock(&self, key: &str) -> Option<&HeldLock> {
+        self.locks
+            .binary_search_by(|l| (*l.key).cmp(key))
+            .ok()
+            .map(|i| &self.locks[i])
+    }
+
+    pub fn lock_index(&self, key: &str) -> Result<usize, usize> {
+        self.locks.binary_search_by(|l| (*l.key).cmp(key))
+    }
+
+    pub fn view(&self) -> LeaseView {
+        LeaseView {
+            lease_id: self.id,
+            holder: self.holder.to_string(),
+            ttl_ms: self.ttl_ms,
+            expires_at_ms: self.expires_at_ms,
+            created_at_ms: self.created_at_ms,
+            reason: self.reason.as_deref().map(str::to_owned),
+            metadata: self.metadata.as_deref().map(str::to_owned),
+            owner: self.owner.as_deref().map(str::to_owned),
+            locks: self.locks.iter().map(HeldLock::view).collect(),
+        }
+    }
+
+    pub fn record(&self) -> LeaseRecord {
+        let v = self.view();
+        LeaseRecord {
+            lease_id: v.lease_id,
+            holder: v.holder,
+            ttl_ms: v.ttl_ms,
+            expires_at_ms: v.expires_at_ms,
+            created_at_ms: v.created_at_ms,
+            reason: v.reason,
+            metadata: v.metadata,
+            owner: v.owner,
+            locks: v.locks,
+        }
+    }
+}
