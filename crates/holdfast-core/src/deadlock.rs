@@ -166,7 +166,13 @@ impl Engine {
         locks: &[LockSpec],
     ) -> Option<Vec<String>> {
         let starts = self.request_blockers(Some(requester), locks, None);
-        let path = find_path(&starts, Node::Lease(requester), |n| {
+        self.cycle_back_to(requester, &starts)
+    }
+
+    /// A path from `starts` back to lease `requester`, as holder names (requester first and
+    /// last).
+    pub(crate) fn cycle_back_to(&self, requester: LeaseId, starts: &[Node]) -> Option<Vec<String>> {
+        let path = find_path(starts, Node::Lease(requester), |n| {
             self.wait_for_successors(n)
         })?;
         let name_of_lease = |id: LeaseId| {
@@ -194,6 +200,47 @@ impl Engine {
             prev = Some(n);
         }
         Some(cycle)
+    }
+
+    /// Lease `id` lost `key` while its queued request names it (a release of its own, or an
+    /// admin's force release): the request now needs the key afresh, which adds edges and
+    /// may close a cycle. If it does, the request fails with `Deadlock` now rather than
+    /// waiting for its timeout.
+    pub(crate) fn recheck_pending(&mut self, id: LeaseId, key: &str, t: crate::types::TimeMs) {
+        let Some(w) = self.leases.get(&id).and_then(|l| l.pending) else {
+            return;
+        };
+        let Some(waiter) = self.waiters.get(&w) else {
+            return;
+        };
+        let Some(spec) = waiter.locks.iter().find(|s| s.key == key) else {
+            return;
+        };
+        let kind = spec.kind;
+        let starts = self.wait_for_successors(Node::Waiter(w));
+        let Some(cycle) = self.cycle_back_to(id, &starts) else {
+            return;
+        };
+        let holder = waiter.holder.to_string();
+        self.remove_waiter(w);
+        self.counters.deadlocks += 1;
+        self.emit(
+            t,
+            crate::types::EventKind::Deadlock,
+            Some(key),
+            &holder,
+            Some(kind),
+            None,
+            None,
+            None,
+        );
+        self.notify(
+            w,
+            crate::types::WaitOutcome::Failed(crate::error::LockError::Deadlock {
+                key: key.to_owned(),
+                cycle,
+            }),
+        );
     }
 }
 

@@ -296,6 +296,7 @@ impl Engine {
                     &held,
                     &Removal::Forced(reason.to_owned()),
                 );
+                self.recheck_pending(id, key, now);
                 out.push(self.lease_view_of(id));
             }
         }
@@ -1094,24 +1095,37 @@ impl Engine {
 
     // ----- queue scans -----
 
-    /// Grant every queued request that has become grantable. Grants are confluent: granting
-    /// one request never makes another one grantable or ungrantable, so the scan order only
-    /// decides the order of notifications, and it is deterministic.
+    /// Grant every queued request that has become grantable.
+    ///
+    /// Grants are confluent: granting a grantable request never makes another request
+    /// grantable or ungrantable (it was already counted, as an earlier waiter or as a
+    /// compatible later one; see `ENGINE.md`). So one pass collects every grantable request
+    /// of the keys that changed, and they are granted together in arrival order, which fixes
+    /// the order of fencing tokens, events and notifications.
     pub(crate) fn run_grants(&mut self, t: TimeMs) {
-        while let Some(key) = self.worklist.pop() {
-            self.scan_key(&key, t);
+        while !self.worklist.is_empty() {
+            let mut keys = std::mem::take(&mut self.worklist);
+            keys.sort_unstable();
+            keys.dedup();
+            let mut ready = BTreeSet::new();
+            for key in &keys {
+                self.scan_key(key, t, &mut ready);
+            }
+            for w in ready {
+                self.grant_waiter(w, t);
+            }
         }
     }
 
-    fn scan_key(&mut self, key: &str, t: TimeMs) {
+    /// Collect the grantable requests queued on `key`, walking the queue from its head and
+    /// stopping once the requests ahead leave no room for any later one.
+    fn scan_key(&self, key: &str, t: TimeMs, ready: &mut BTreeSet<WaiterId>) {
         let Some(ks) = self.keys.get(key) else { return };
         if ks.queue.is_empty() || ks.delayed_at(t) {
             return;
         }
-        let family = ks.family;
-        let queue: Vec<WaiterId> = ks.queue.iter().copied().collect();
         let mut ahead = Usage::default();
-        for w in queue {
+        for &w in &ks.queue {
             let Some(waiter) = self.waiters.get(&w) else {
                 continue;
             };
@@ -1121,27 +1135,25 @@ impl Engine {
             };
             let held = own.and_then(|l| l.lock(key));
             let d = demand(held, spec.kind);
-            let here = match d {
-                None => true,
-                Some(d) => self.keys.get(key).is_some_and(|ks| {
-                    let mut holders = ks.held;
-                    if let Some(h) = held {
-                        holders.sub(h.kind);
-                    }
-                    holders.with(ahead).admits(d)
-                }),
-            };
-            let grantable = here
+            let here = d.is_none_or(|d| {
+                let mut holders = ks.held;
+                if let Some(h) = held {
+                    holders.sub(h.kind);
+                }
+                holders.with(ahead).admits(d)
+            });
+            if here
                 && waiter
                     .locks
                     .iter()
                     .filter(|s| s.key != key)
-                    .all(|s| self.key_admits(own, s, Some(w), t));
-            if grantable {
-                self.grant_waiter(w, t);
-            } else if let Some(d) = d {
+                    .all(|s| self.key_admits(own, s, Some(w), t))
+            {
+                ready.insert(w);
+            }
+            if let Some(d) = d {
                 ahead.add(d);
-                if ahead.full(family) {
+                if ahead.full(ks.family) {
                     break;
                 }
             }
@@ -1149,7 +1161,7 @@ impl Engine {
     }
 
     fn grant_waiter(&mut self, w: WaiterId, t: TimeMs) {
-        let Some(waiter) = self.remove_waiter(w) else {
+        let Some(waiter) = self.remove_waiter_quietly(w) else {
             return;
         };
         let target = match waiter.target {
@@ -1159,21 +1171,38 @@ impl Engine {
         let outcome =
             match self.do_grant(t, target, &waiter.locks, waiter.join, Some(waiter.since_ms)) {
                 Ok(g) => WaitOutcome::Granted(g),
-                Err(e) => WaitOutcome::Failed(e),
+                Err(e) => {
+                    // Nothing was granted: the requests behind it may now go.
+                    for spec in &waiter.locks {
+                        self.worklist.push(spec.key.as_str().into());
+                        self.gc_key(&spec.key);
+                    }
+                    WaitOutcome::Failed(e)
+                }
             };
         self.notify(w, outcome);
     }
 
-    /// Take a lock waiter out of every queue and index. Keys it leaves are re-examined.
+    /// Take a lock waiter out of every queue and index; the keys it leaves are re-examined.
     pub(crate) fn remove_waiter(&mut self, w: WaiterId) -> Option<LockWaiter> {
+        let waiter = self.remove_waiter_quietly(w)?;
+        for spec in &waiter.locks {
+            self.worklist.push(spec.key.as_str().into());
+            self.gc_key(&spec.key);
+        }
+        Some(waiter)
+    }
+
+    /// Take a lock waiter out of every queue and index, without waking anyone (it is being
+    /// granted, and a grant never enables another request). Empty keys are kept for the
+    /// grant that follows; `gc_key` runs later.
+    fn remove_waiter_quietly(&mut self, w: WaiterId) -> Option<LockWaiter> {
         let waiter = self.waiters.remove(&w)?;
         self.waiter_timers.remove(&(waiter.deadline_ms, w));
         for spec in &waiter.locks {
             if let Some(ks) = self.keys.get_mut(spec.key.as_str()) {
                 ks.remove_waiter(w);
             }
-            self.worklist.push(spec.key.as_str().into());
-            self.gc_key(&spec.key);
         }
         if let Some(id) = waiter.target_lease()
             && let Some(l) = self.leases.get_mut(&id)
@@ -1316,6 +1345,7 @@ impl Engine {
         let holder = lease.holder.to_string();
         self.unhold(id, &held);
         self.after_unhold(t, &holder, &held, &Removal::Released);
+        self.recheck_pending(id, key, t);
         Ok(())
     }
 
