@@ -1,0 +1,471 @@
+//! Results: rows (one per system × workload × parameter), the markdown tables printed at the
+//! end of a run, the target checks (ratios between systems of the same run), and the JSON
+//! document (`--json`).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::adapter::Durability;
+use crate::workload::{HoldManyResult, HotKeyResult, Timing, UncontendedResult};
+
+/// The four workloads.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, PartialOrd, Ord)]
+pub enum Workload {
+    /// Uncontended acquire+release pairs.
+    W1,
+    /// One hot key.
+    W2,
+    /// Many held locks.
+    W3,
+    /// Restart recovery (holdfast only).
+    W4,
+}
+
+/// Result of W4.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecoveryResult {
+    /// Leases (one lock each) held when the server was killed.
+    pub locks: usize,
+    /// Clients used to acquire them.
+    pub clients: usize,
+    /// Time to acquire them.
+    pub acquire_s: f64,
+    /// Server RSS with all of them held (KiB).
+    pub rss_kib_before_kill: Option<u64>,
+    /// How the server was stopped before the restart.
+    pub stop: String,
+    /// Restart: spawn → `listening on`.
+    pub restart_to_listening_s: f64,
+    /// Restart: spawn → `GET /readyz` 200. The W4 figure.
+    pub restart_to_ready_s: f64,
+    /// `active_locks` reported by `/v1/stats` after the restart (`None`: not available).
+    pub recovered_locks: Option<u64>,
+}
+
+/// A row's figures.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Metrics {
+    /// W1.
+    Uncontended(UncontendedResult),
+    /// W2.
+    HotKey(HotKeyResult),
+    /// W3.
+    HoldMany(HoldManyResult),
+    /// W4.
+    Recovery(RecoveryResult),
+}
+
+/// One measured (or failed) configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Which workload.
+    pub workload: Workload,
+    /// System name.
+    pub system: String,
+    /// Durability class of the system as run.
+    pub durability: Durability,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// W2's hold time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_ms: Option<u64>,
+    /// Figures, if it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    /// Why it did not run or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A peer as reached in this run.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerInfo {
+    /// System name.
+    pub system: String,
+    /// URL or endpoint.
+    pub url: String,
+    /// PID of the server (root of its process tree), found from its listening port.
+    pub pid: Option<u32>,
+    /// Version string the server reported, if known.
+    pub note: String,
+}
+
+/// Header of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Meta {
+    /// UTC date and time of the run.
+    pub date: String,
+    /// Logical CPUs.
+    pub nproc: usize,
+    /// CPU model.
+    pub cpu_model: String,
+    /// The command line.
+    pub command: String,
+    /// Warm-up and measured duration of W1/W2.
+    pub timing: Timing,
+    /// How holdfast was driven (`client` or `http`).
+    pub holdfast_transport: String,
+    /// The peers.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// One target of the issue, checked against this run.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetCheck {
+    /// What is compared.
+    pub target: String,
+    /// Measured value (a ratio or an absolute figure, see `target`).
+    pub measured: Option<f64>,
+    /// The bound.
+    pub bound: String,
+    /// Met, missed, or `None` when a figure is missing.
+    pub met: Option<bool>,
+}
+
+/// A whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Header.
+    pub meta: Meta,
+    /// Every row.
+    pub rows: Vec<Row>,
+    /// Targets, checked.
+    pub targets: Vec<TargetCheck>,
+    /// Remarks made during the run (fallbacks, skipped systems).
+    pub notes: Vec<String>,
+}
+
+fn num(value: f64) -> String {
+    if value >= 100.0 {
+        format!("{value:.0}")
+    } else if value >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+impl Report {
+    fn metrics_of(
+        &self,
+        workload: Workload,
+        system: &str,
+        clients: usize,
+        hold_ms: Option<u64>,
+    ) -> Option<&Metrics> {
+        self.rows
+            .iter()
+            .find(|row| {
+                row.workload == workload
+                    && row.system == system
+                    && (workload == Workload::W3
+                        || workload == Workload::W4
+                        || row.clients == clients)
+                    && row.hold_ms == hold_ms
+            })
+            .and_then(|row| row.metrics.as_ref())
+    }
+
+    fn pairs_per_s(&self, system: &str, clients: usize) -> Option<f64> {
+        match self.metrics_of(Workload::W1, system, clients, None)? {
+            Metrics::Uncontended(result) => Some(result.pairs_per_s),
+            _ => None,
+        }
+    }
+
+    fn hot_key(&self, system: &str, clients: usize, hold_ms: u64) -> Option<&HotKeyResult> {
+        match self.metrics_of(Workload::W2, system, clients, Some(hold_ms))? {
+            Metrics::HotKey(result) => Some(result),
+            _ => None,
+        }
+    }
+
+    /// Computes the issue's targets from the rows (ratios within this run).
+    pub fn check_targets(&mut self, w1_clients: usize, w2_clients: usize, w2_holds_ms: &[u64]) {
+        let mut checks = Vec::new();
+        let ratio =
+            |target: String, numerator: Option<f64>, denominator: Option<f64>, at_least: f64| {
+                let measured = match (numerator, denominator) {
+                    (Some(n), Some(d)) if d > 0.0 => Some(n / d),
+                    _ => None,
+                };
+                TargetCheck {
+                    target,
+                    measured,
+                    bound: format!("≥ {at_least}×"),
+                    met: measured.map(|m| m >= at_least),
+                }
+            };
+        let c = w1_clients;
+        checks.push(ratio(
+            format!("W1 {c} clients: holdfast-memory / redis pairs/s"),
+            self.pairs_per_s("holdfast-memory", c),
+            self.pairs_per_s("redis", c),
+            1.0,
+        ));
+        checks.push(ratio(
+            format!("W1 {c} clients: holdfast-sync / etcd pairs/s"),
+            self.pairs_per_s("holdfast-sync", c),
+            self.pairs_per_s("etcd", c),
+            5.0,
+        ));
+        checks.push(ratio(
+            format!("W1 {c} clients: holdfast-sync / postgres pairs/s"),
+            self.pairs_per_s("holdfast-sync", c),
+            self.pairs_per_s("postgres", c),
+            1.0,
+        ));
+        let holdfast_systems = ["holdfast-memory", "holdfast-async", "holdfast-sync"];
+        for &hold_ms in w2_holds_ms {
+            for system in holdfast_systems {
+                let Some(mine) = self.hot_key(system, w2_clients, hold_ms).cloned() else {
+                    continue;
+                };
+                let postgres = self
+                    .hot_key("postgres", w2_clients, hold_ms)
+                    .map(|r| r.grants_per_s);
+                checks.push(ratio(
+                    format!("W2 hold {hold_ms} ms: {system} / postgres grants/s"),
+                    Some(mine.grants_per_s),
+                    postgres,
+                    1.0,
+                ));
+                let redis_p99 = self
+                    .hot_key("redis", w2_clients, hold_ms)
+                    .map(|r| r.gap_p99_us);
+                checks.push(TargetCheck {
+                    target: format!("W2 hold {hold_ms} ms: {system} handoff p99 (µs)"),
+                    measured: Some(mine.gap_p99_us),
+                    bound: "≤ 1000 µs".to_owned(),
+                    met: Some(mine.gap_p99_us <= 1000.0),
+                });
+                let vs_redis = redis_p99
+                    .filter(|p99| *p99 > 0.0)
+                    .map(|p99| mine.gap_p99_us / p99);
+                checks.push(TargetCheck {
+                    target: format!("W2 hold {hold_ms} ms: {system} / redis handoff p99"),
+                    measured: vs_redis,
+                    bound: "≤ 0.1×".to_owned(),
+                    met: vs_redis.map(|r| r <= 0.1),
+                });
+                checks.push(TargetCheck {
+                    target: format!("W2 hold {hold_ms} ms: {system} fairness max/min grants"),
+                    measured: mine.fairness_max_over_min,
+                    bound: "≤ 1.25".to_owned(),
+                    met: Some(mine.fairness_max_over_min.is_some_and(|f| f <= 1.25)),
+                });
+            }
+        }
+        for system in holdfast_systems {
+            if let Some(Metrics::HoldMany(result)) = self.metrics_of(Workload::W3, system, 0, None)
+            {
+                checks.push(TargetCheck {
+                    target: format!("W3: {system} server memory per held lock (bytes, RSS)"),
+                    measured: result.bytes_per_lock_rss,
+                    bound: "≤ 256".to_owned(),
+                    met: result.bytes_per_lock_rss.map(|b| b <= 256.0),
+                });
+            }
+        }
+        if let Some(Metrics::Recovery(result)) =
+            self.metrics_of(Workload::W4, "holdfast-sync", 0, None)
+        {
+            checks.push(TargetCheck {
+                target: format!(
+                    "W4: holdfast-sync restart with {} locks → ready (s)",
+                    result.locks
+                ),
+                measured: Some(result.restart_to_ready_s),
+                bound: "≤ 2 s (at 1,000,000 locks)".to_owned(),
+                met: Some(
+                    result.restart_to_ready_s <= 2.0
+                        && result
+                            .recovered_locks
+                            .is_none_or(|n| n as usize == result.locks),
+                ),
+            });
+        }
+        self.targets = checks;
+    }
+
+    /// The markdown rendering: header, one table per workload, the targets, the notes.
+    #[must_use]
+    #[allow(clippy::cast_precision_loss)] // KiB → MiB for display
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        let meta = &self.meta;
+        let _ = writeln!(
+            out,
+            "Run: {} · nproc {} · {}",
+            meta.date, meta.nproc, meta.cpu_model
+        );
+        let _ = writeln!(out, "Command: `{}`", meta.command);
+        let _ = writeln!(
+            out,
+            "W1/W2: warm-up {:.1} s (not counted), measured {:.1} s; holdfast driven through {}.\n",
+            meta.timing.warmup.as_secs_f64(),
+            meta.timing.duration.as_secs_f64(),
+            meta.holdfast_transport
+        );
+        if !meta.peers.is_empty() {
+            let _ = writeln!(
+                out,
+                "| peer | reached at | server pid | note |\n|---|---|---|---|"
+            );
+            for peer in &meta.peers {
+                let pid = peer
+                    .pid
+                    .map_or_else(|| "?".to_owned(), |pid| pid.to_string());
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} |",
+                    peer.system, peer.url, pid, peer.note
+                );
+            }
+            out.push('\n');
+        }
+        self.table(
+            &mut out,
+            Workload::W1,
+            "W1 uncontended: each client its own connection and key; acquire+release pairs",
+            "| system | durability | clients | pairs/s | pair p50 µs | pair p99 µs |\n|---|---|---:|---:|---:|---:|",
+            |metrics| match metrics {
+                Metrics::Uncontended(r) => format!("{} | {} | {} |", num(r.pairs_per_s), num(r.pair_p50_us), num(r.pair_p99_us)),
+                _ => String::new(),
+            },
+        );
+        self.table(
+            &mut out,
+            Workload::W2,
+            "W2 one hot key: handoff gap = previous holder's release call → next grant at its client",
+            "| system | durability | clients | hold ms | grants/s | gap p50 µs | gap p99 µs | grants min–max | max/min |\n|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            |metrics| match metrics {
+                Metrics::HotKey(r) => format!(
+                    "{} | {} | {} | {}–{} | {} |",
+                    num(r.grants_per_s),
+                    num(r.gap_p50_us),
+                    num(r.gap_p99_us),
+                    r.grants_min,
+                    r.grants_max,
+                    r.fairness_max_over_min.map_or_else(|| "∞ (starved)".to_owned(), num),
+                ),
+                _ => String::new(),
+            },
+        );
+        self.table(
+            &mut out,
+            Workload::W3,
+            "W3 many held locks: time to acquire them all, server memory growth per lock",
+            "| system | durability | clients | locks | acquire s | locks/s | bytes/lock (RSS) | bytes/lock (PSS) |\n|---|---|---:|---:|---:|---:|---:|---:|",
+            |metrics| match metrics {
+                Metrics::HoldMany(r) => format!(
+                    "{} | {} | {} | {} | {} |",
+                    r.locks,
+                    num(r.acquire_s),
+                    num(r.locks_per_s),
+                    r.bytes_per_lock_rss.map_or_else(|| "n/a".to_owned(), num),
+                    r.bytes_per_lock_pss.map_or_else(|| "n/a".to_owned(), num),
+                ),
+                _ => String::new(),
+            },
+        );
+        self.table(
+            &mut out,
+            Workload::W4,
+            "W4 restart recovery (holdfast sync): server killed with SIGKILL holding the locks, restarted on the same data",
+            "| system | durability | clients | locks | acquire s | RSS MiB held | stop | restart→listening s | restart→ready s | locks after restart |\n|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+            |metrics| match metrics {
+                Metrics::Recovery(r) => format!(
+                    "{} | {} | {} | {} | {} | {} | {} |",
+                    r.locks,
+                    num(r.acquire_s),
+                    r.rss_kib_before_kill.map_or_else(|| "n/a".to_owned(), |kib| num(kib as f64 / 1024.0)),
+                    r.stop,
+                    num(r.restart_to_listening_s),
+                    num(r.restart_to_ready_s),
+                    r.recovered_locks.map_or_else(|| "n/a".to_owned(), |n| n.to_string()),
+                ),
+                _ => String::new(),
+            },
+        );
+        if !self.targets.is_empty() {
+            let _ = writeln!(
+                out,
+                "Targets (ratios within this run)\n\n| target | measured | bound | |\n|---|---:|---|---|"
+            );
+            for check in &self.targets {
+                let verdict = match check.met {
+                    Some(true) => "met",
+                    Some(false) => "**missed**",
+                    None => "no figure",
+                };
+                let measured = check.measured.map_or_else(|| "n/a".to_owned(), num);
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} |",
+                    check.target, measured, check.bound, verdict
+                );
+            }
+            out.push('\n');
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+        out
+    }
+
+    fn table(
+        &self,
+        out: &mut String,
+        workload: Workload,
+        title: &str,
+        header: &str,
+        cells: impl Fn(&Metrics) -> String,
+    ) {
+        let rows: Vec<&Row> = self
+            .rows
+            .iter()
+            .filter(|row| row.workload == workload)
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "{title}\n\n{header}");
+        let columns = header
+            .lines()
+            .next()
+            .map_or(0, |line| line.matches('|').count() - 1);
+        for row in rows {
+            let mut line = format!(
+                "| {} | {} | {} |",
+                row.system,
+                row.durability.label(),
+                row.clients
+            );
+            if workload == Workload::W2 {
+                let _ = write!(line, " {} |", row.hold_ms.unwrap_or(0));
+            }
+            match (&row.metrics, &row.error) {
+                (Some(metrics), _) => {
+                    let _ = write!(line, " {}", cells(metrics));
+                }
+                (None, error) => {
+                    let filled = line.matches('|').count() - 1;
+                    let reason = error
+                        .as_deref()
+                        .unwrap_or("not run")
+                        .replace('|', "/")
+                        .replace('\n', " ");
+                    let _ = write!(line, " not run: {reason} |");
+                    for _ in filled + 1..columns {
+                        line.push_str(" |");
+                    }
+                }
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        out.push('\n');
+    }
+}

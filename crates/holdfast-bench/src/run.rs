@@ -1,0 +1,677 @@
+//! One benchmark run: every selected system, one after the other (never two at once, so no
+//! system's clients compete with another system's), through every selected workload.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::adapter::{Durability, LockSystem};
+use crate::adapters::mariadb::MariaDbSystem;
+use crate::adapters::postgres::PostgresSystem;
+use crate::adapters::redis::RedisSystem;
+use crate::procfs::{mem_sample, pid_listening_on, port_of};
+use crate::report::{Meta, Metrics, PeerInfo, RecoveryResult, Report, Row, Workload};
+use crate::server_process::{ServerProcess, ServerSpec, wait_ready};
+use crate::workload::{self, Timing};
+
+/// The systems a run can measure.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, clap::ValueEnum)]
+pub enum SystemId {
+    /// Redis `SET NX PX`.
+    Redis,
+    /// PostgreSQL advisory locks.
+    Postgres,
+    /// MariaDB `GET_LOCK`.
+    Mariadb,
+    /// etcd v3 lock service (needs the `etcd` feature).
+    Etcd,
+    /// holdfast, `--durability memory`.
+    HoldfastMemory,
+    /// holdfast, `--durability async`.
+    HoldfastAsync,
+    /// holdfast, `--durability sync`.
+    HoldfastSync,
+}
+
+impl SystemId {
+    /// Every system, in table order.
+    pub const ALL: [SystemId; 7] = [
+        SystemId::Redis,
+        SystemId::Postgres,
+        SystemId::Mariadb,
+        SystemId::Etcd,
+        SystemId::HoldfastMemory,
+        SystemId::HoldfastAsync,
+        SystemId::HoldfastSync,
+    ];
+
+    /// Name used in tables.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            SystemId::Redis => "redis",
+            SystemId::Postgres => "postgres",
+            SystemId::Mariadb => "mariadb",
+            SystemId::Etcd => "etcd",
+            SystemId::HoldfastMemory => "holdfast-memory",
+            SystemId::HoldfastAsync => "holdfast-async",
+            SystemId::HoldfastSync => "holdfast-sync",
+        }
+    }
+
+    /// The `--durability` of a holdfast system.
+    fn holdfast_mode(self) -> Option<(&'static str, Durability)> {
+        match self {
+            SystemId::HoldfastMemory => Some(("memory", Durability::MemoryOnly)),
+            SystemId::HoldfastAsync => Some(("async", Durability::AsyncFsync)),
+            SystemId::HoldfastSync => Some(("sync", Durability::GroupCommit)),
+            _ => None,
+        }
+    }
+}
+
+/// Which server the holdfast rows measure.
+#[derive(Clone, Debug)]
+pub enum HoldfastTarget {
+    /// Start `holdfast serve` from this binary, one process per durability (and per W3/W4).
+    Spawn(PathBuf),
+    /// An already running server (its durability is whatever it was started with; memory
+    /// figures need its PID, so W3 reports none, and W4 cannot restart it).
+    External(String),
+}
+
+/// Everything a run needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Systems, in this order.
+    pub systems: Vec<SystemId>,
+    /// Workloads to run.
+    pub workloads: Vec<Workload>,
+    /// W1/W2 warm-up and duration.
+    pub timing: Timing,
+    /// W1 client counts.
+    pub w1_clients: Vec<usize>,
+    /// W2 clients.
+    pub w2_clients: usize,
+    /// W2 hold times.
+    pub w2_holds_ms: Vec<u64>,
+    /// W3 locks.
+    pub w3_locks: usize,
+    /// W3 clients.
+    pub w3_clients: usize,
+    /// W4 locks.
+    pub w4_locks: usize,
+    /// W4 clients.
+    pub w4_clients: usize,
+    /// Redis URL.
+    pub redis_url: String,
+    /// PostgreSQL URL.
+    pub postgres_url: String,
+    /// MariaDB URL.
+    pub mysql_url: String,
+    /// etcd endpoint.
+    pub etcd_endpoint: String,
+    /// holdfast server.
+    pub holdfast: HoldfastTarget,
+    /// The command line, for the report.
+    pub command: String,
+    /// Remarks to carry into the report (fallbacks found by the caller).
+    pub notes: Vec<String>,
+}
+
+/// Prints progress on stderr (the tables go to stdout).
+macro_rules! progress {
+    ($($arg:tt)*) => { eprintln!("holdfast-bench: {}", format!($($arg)*)) };
+}
+
+/// A unique key prefix per run, so that leftovers of an earlier run never collide.
+fn key_prefix() -> String {
+    format!("hfb/{:08x}", rand::random::<u32>())
+}
+
+/// Runs W1, W2 and W3 (those selected) on one system and appends the rows.
+async fn run_system<S: LockSystem>(
+    system: &S,
+    server_pid: Option<u32>,
+    config: &Config,
+    workloads: &[Workload],
+    rows: &mut Vec<Row>,
+) {
+    let prefix = key_prefix();
+    let row = |workload, clients, hold_ms, outcome: anyhow::Result<Metrics>| Row {
+        workload,
+        system: system.name().to_owned(),
+        durability: system.durability(),
+        clients,
+        hold_ms,
+        error: outcome.as_ref().err().map(|err| format!("{err:#}")),
+        metrics: outcome.ok(),
+    };
+    if workloads.contains(&Workload::W1) {
+        for &clients in &config.w1_clients {
+            progress!("{} W1 {clients} clients", system.name());
+            let outcome = workload::uncontended(system, clients, config.timing, &prefix)
+                .await
+                .map(Metrics::Uncontended);
+            report_error(system.name(), &outcome);
+            rows.push(row(Workload::W1, clients, None, outcome));
+        }
+    }
+    if workloads.contains(&Workload::W2) {
+        for &hold_ms in &config.w2_holds_ms {
+            progress!(
+                "{} W2 {} clients, hold {hold_ms} ms",
+                system.name(),
+                config.w2_clients
+            );
+            let hold = Duration::from_millis(hold_ms);
+            let outcome =
+                workload::hot_key(system, config.w2_clients, hold, config.timing, &prefix)
+                    .await
+                    .map(Metrics::HotKey);
+            report_error(system.name(), &outcome);
+            rows.push(row(Workload::W2, config.w2_clients, Some(hold_ms), outcome));
+        }
+    }
+    if workloads.contains(&Workload::W3) {
+        progress!(
+            "{} W3 {} locks, {} clients",
+            system.name(),
+            config.w3_locks,
+            config.w3_clients
+        );
+        let outcome = workload::hold_many(
+            system,
+            config.w3_locks,
+            config.w3_clients,
+            &prefix,
+            server_pid,
+        )
+        .await
+        .map(Metrics::HoldMany);
+        report_error(system.name(), &outcome);
+        rows.push(row(Workload::W3, config.w3_clients, None, outcome));
+    }
+}
+
+fn report_error<T>(system: &str, outcome: &anyhow::Result<T>) {
+    if let Err(err) = outcome {
+        progress!("{system}: failed: {err:#}");
+    }
+}
+
+/// Rows saying why a system did not run.
+fn unavailable_rows(
+    id: SystemId,
+    durability: Durability,
+    config: &Config,
+    workloads: &[Workload],
+    why: &str,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut push = |workload, clients, hold_ms| {
+        rows.push(Row {
+            workload,
+            system: id.name().to_owned(),
+            durability,
+            clients,
+            hold_ms,
+            metrics: None,
+            error: Some(why.to_owned()),
+        });
+    };
+    if workloads.contains(&Workload::W1) {
+        for &clients in &config.w1_clients {
+            push(Workload::W1, clients, None);
+        }
+    }
+    if workloads.contains(&Workload::W2) {
+        for &hold_ms in &config.w2_holds_ms {
+            push(Workload::W2, config.w2_clients, Some(hold_ms));
+        }
+    }
+    if workloads.contains(&Workload::W3) {
+        push(Workload::W3, config.w3_clients, None);
+    }
+    rows
+}
+
+/// Checks that one connection can be opened; the rows of an unreachable system say why.
+async fn reachable<S: LockSystem>(system: &S) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(10), system.connect()).await {
+        Ok(Ok(_conn)) => Ok(()),
+        Ok(Err(err)) => Err(format!("unreachable: {err:#}")),
+        Err(_) => Err("unreachable: connect timed out".to_owned()),
+    }
+}
+
+/// What Redis persists, from `CONFIG GET` (the adapter's rows carry it).
+async fn redis_durability(url: &str) -> anyhow::Result<(Durability, String)> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let appendonly: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query_async(&mut conn)
+        .await?;
+    let appendfsync: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendfsync")
+        .query_async(&mut conn)
+        .await?;
+    let save: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("save")
+        .query_async(&mut conn)
+        .await?;
+    let version: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await?;
+    let version = version
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    let appendonly = appendonly.get(1).map(String::as_str) == Some("yes");
+    let appendfsync = appendfsync.get(1).cloned().unwrap_or_default();
+    let save = save.get(1).cloned().unwrap_or_default();
+    let durability = match (appendonly, appendfsync.as_str()) {
+        (true, "always") => Durability::FsyncPerChange,
+        (true, _) => Durability::AsyncFsync,
+        (false, _) => Durability::MemoryOnly,
+    };
+    Ok((
+        durability,
+        format!(
+            "redis {version}; appendonly={appendonly} appendfsync={appendfsync} save=\"{save}\""
+        ),
+    ))
+}
+
+async fn sql_version(system: SystemId, url: &str) -> String {
+    use sqlx::Connection as _;
+    let query = "SELECT version()";
+    match system {
+        SystemId::Postgres => match sqlx::PgConnection::connect(url).await {
+            Ok(mut conn) => {
+                let fsync: Option<String> = sqlx::query_scalar("SHOW fsync")
+                    .fetch_one(&mut conn)
+                    .await
+                    .ok();
+                let locks: Option<String> = sqlx::query_scalar("SHOW max_locks_per_transaction")
+                    .fetch_one(&mut conn)
+                    .await
+                    .ok();
+                let version: Option<String> =
+                    sqlx::query_scalar(query).fetch_one(&mut conn).await.ok();
+                format!(
+                    "{}; fsync={}; max_locks_per_transaction={}",
+                    version
+                        .unwrap_or_default()
+                        .split(" on ")
+                        .next()
+                        .unwrap_or_default(),
+                    fsync.unwrap_or_default(),
+                    locks.unwrap_or_default()
+                )
+            }
+            Err(err) => format!("unreachable: {err}"),
+        },
+        _ => match sqlx::MySqlConnection::connect(url).await {
+            Ok(mut conn) => sqlx::query_scalar::<_, String>(query)
+                .fetch_one(&mut conn)
+                .await
+                .map_or_else(|err| err.to_string(), |v| format!("MariaDB {v}")),
+            Err(err) => format!("unreachable: {err}"),
+        },
+    }
+}
+
+fn peer(system: SystemId, url: &str, note: String) -> PeerInfo {
+    let pid = port_of(url).and_then(pid_listening_on);
+    let private = matches!(port_of(url), Some(6390 | 5433 | 3307 | 2389));
+    let origin = if private {
+        "private instance (scripts/bench-peers.sh)"
+    } else {
+        "this machine's service (not the bench script's)"
+    };
+    PeerInfo {
+        system: system.name().to_owned(),
+        url: url.to_owned(),
+        pid,
+        note: format!("{origin}; {note}"),
+    }
+}
+
+/// The whole run.
+pub async fn run(config: Config) -> anyhow::Result<Report> {
+    let (nproc, cpu_model) = crate::procfs::machine();
+    let mut rows = Vec::new();
+    let mut notes = config.notes.clone();
+    let mut peers = Vec::new();
+    let peer_workloads: Vec<Workload> = config
+        .workloads
+        .iter()
+        .copied()
+        .filter(|w| *w != Workload::W4)
+        .collect();
+    for &id in &config.systems {
+        match id {
+            SystemId::Redis => {
+                let (durability, note) = match redis_durability(&config.redis_url).await {
+                    Ok(found) => found,
+                    Err(err) => (Durability::MemoryOnly, format!("unreachable: {err}")),
+                };
+                let info = peer(id, &config.redis_url, note);
+                let pid = info.pid;
+                peers.push(info);
+                match RedisSystem::new(&config.redis_url, durability) {
+                    Ok(system) => match reachable(&system).await {
+                        Ok(()) => {
+                            run_system(&system, pid, &config, &peer_workloads, &mut rows).await
+                        }
+                        Err(why) => rows.extend(unavailable_rows(
+                            id,
+                            durability,
+                            &config,
+                            &peer_workloads,
+                            &why,
+                        )),
+                    },
+                    Err(err) => rows.extend(unavailable_rows(
+                        id,
+                        durability,
+                        &config,
+                        &peer_workloads,
+                        &format!("{err:#}"),
+                    )),
+                }
+            }
+            SystemId::Postgres => {
+                let info = peer(
+                    id,
+                    &config.postgres_url,
+                    sql_version(id, &config.postgres_url).await,
+                );
+                let pid = info.pid;
+                peers.push(info);
+                let system = PostgresSystem::new(&config.postgres_url);
+                match reachable(&system).await {
+                    Ok(()) => run_system(&system, pid, &config, &peer_workloads, &mut rows).await,
+                    Err(why) => rows.extend(unavailable_rows(
+                        id,
+                        system.durability(),
+                        &config,
+                        &peer_workloads,
+                        &why,
+                    )),
+                }
+            }
+            SystemId::Mariadb => {
+                let info = peer(
+                    id,
+                    &config.mysql_url,
+                    sql_version(id, &config.mysql_url).await,
+                );
+                let pid = info.pid;
+                peers.push(info);
+                let system = MariaDbSystem::new(&config.mysql_url);
+                match reachable(&system).await {
+                    Ok(()) => run_system(&system, pid, &config, &peer_workloads, &mut rows).await,
+                    Err(why) => rows.extend(unavailable_rows(
+                        id,
+                        system.durability(),
+                        &config,
+                        &peer_workloads,
+                        &why,
+                    )),
+                }
+            }
+            SystemId::Etcd => {
+                run_etcd(&config, &peer_workloads, &mut rows, &mut peers, &mut notes).await
+            }
+            SystemId::HoldfastMemory | SystemId::HoldfastAsync | SystemId::HoldfastSync => {
+                run_holdfast(id, &config, &mut rows, &mut notes).await;
+            }
+        }
+    }
+    let mut report = Report {
+        meta: Meta {
+            date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+            nproc,
+            cpu_model,
+            command: config.command.clone(),
+            timing: config.timing,
+            holdfast_transport: crate::adapters::HOLDFAST_TRANSPORT.to_owned(),
+            peers,
+        },
+        rows,
+        targets: Vec::new(),
+        notes,
+    };
+    let w1_clients = config.w1_clients.iter().copied().max().unwrap_or(64);
+    report.check_targets(w1_clients, config.w2_clients, &config.w2_holds_ms);
+    Ok(report)
+}
+
+#[cfg(feature = "etcd")]
+async fn run_etcd(
+    config: &Config,
+    workloads: &[Workload],
+    rows: &mut Vec<Row>,
+    peers: &mut Vec<PeerInfo>,
+    _notes: &mut Vec<String>,
+) {
+    let system = crate::adapters::etcd::EtcdSystem::new(&config.etcd_endpoint);
+    let info = peer(
+        SystemId::Etcd,
+        &config.etcd_endpoint,
+        "etcd v3 lock API, lease per lock as `etcdctl lock`".to_owned(),
+    );
+    let pid = info.pid;
+    peers.push(info);
+    match reachable(&system).await {
+        Ok(()) => run_system(&system, pid, config, workloads, rows).await,
+        Err(why) => rows.extend(unavailable_rows(
+            SystemId::Etcd,
+            system.durability(),
+            config,
+            workloads,
+            &why,
+        )),
+    }
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn run_etcd(
+    config: &Config,
+    workloads: &[Workload],
+    rows: &mut Vec<Row>,
+    _peers: &mut Vec<PeerInfo>,
+    notes: &mut Vec<String>,
+) {
+    let why = "holdfast-bench was built without the `etcd` feature (it needs protoc)";
+    notes.push(format!("etcd: {why}; build with `--features etcd`."));
+    rows.extend(unavailable_rows(
+        SystemId::Etcd,
+        Durability::GroupCommit,
+        config,
+        workloads,
+        why,
+    ));
+}
+
+/// Flags every benchmark server gets: limits the workloads need (W3/W4 hold up to a million
+/// anonymous leases), nothing that changes speed.
+fn holdfast_extra_args(config: &Config) -> Vec<String> {
+    let leases = config.w3_locks.max(config.w4_locks) + 10_000;
+    vec!["--leases-per-token-max".to_owned(), leases.to_string()]
+}
+
+fn spawn_holdfast(
+    bin: &std::path::Path,
+    mode: &str,
+    config: &Config,
+) -> anyhow::Result<(ServerProcess, tempfile::TempDir)> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("holdfast-bench-{mode}-"))
+        .tempdir()
+        .context("temp dir")?;
+    let spec = ServerSpec {
+        bin: bin.to_path_buf(),
+        durability: mode.to_owned(),
+        data_dir: dir.path().join("data"),
+        log: dir.path().join("server.log"),
+        extra_args: holdfast_extra_args(config),
+    };
+    let server = ServerProcess::start(&spec)?;
+    Ok((server, dir))
+}
+
+async fn run_holdfast(id: SystemId, config: &Config, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
+    let Some((mode, durability)) = id.holdfast_mode() else {
+        return;
+    };
+    let name = id.name();
+    let w12: Vec<Workload> = config
+        .workloads
+        .iter()
+        .copied()
+        .filter(|w| matches!(w, Workload::W1 | Workload::W2))
+        .collect();
+    match &config.holdfast {
+        HoldfastTarget::External(url) => {
+            notes.push(format!("{name}: measured against the running server at {url} (its durability is whatever it was started with)"));
+            let system = crate::adapters::holdfast_system(name, url, durability);
+            let workloads: Vec<Workload> = config
+                .workloads
+                .iter()
+                .copied()
+                .filter(|w| *w != Workload::W4)
+                .collect();
+            run_system(&system, None, config, &workloads, rows).await;
+        }
+        HoldfastTarget::Spawn(bin) => {
+            // W1 and W2 on one server; W3 and W4 each on a fresh one, so that memory and
+            // recovery start from an empty server.
+            if !w12.is_empty() {
+                match spawn_holdfast(bin, mode, config) {
+                    Ok((mut server, _dir)) => {
+                        let system =
+                            crate::adapters::holdfast_system(name, &server.base_url, durability);
+                        run_system(&system, Some(server.pid()), config, &w12, rows).await;
+                        server.stop(Duration::from_secs(10));
+                    }
+                    Err(err) => rows.extend(unavailable_rows(
+                        id,
+                        durability,
+                        config,
+                        &w12,
+                        &format!("{err:#}"),
+                    )),
+                }
+            }
+            if config.workloads.contains(&Workload::W3) {
+                match spawn_holdfast(bin, mode, config) {
+                    Ok((mut server, _dir)) => {
+                        let system =
+                            crate::adapters::holdfast_system(name, &server.base_url, durability);
+                        run_system(&system, Some(server.pid()), config, &[Workload::W3], rows)
+                            .await;
+                        server.stop(Duration::from_secs(10));
+                    }
+                    Err(err) => rows.extend(unavailable_rows(
+                        id,
+                        durability,
+                        config,
+                        &[Workload::W3],
+                        &format!("{err:#}"),
+                    )),
+                }
+            }
+            if config.workloads.contains(&Workload::W4) && id == SystemId::HoldfastSync {
+                progress!(
+                    "{name} W4 {} locks, {} clients",
+                    config.w4_locks,
+                    config.w4_clients
+                );
+                let outcome = recovery(bin, config).await.map(Metrics::Recovery);
+                report_error(name, &outcome);
+                rows.push(Row {
+                    workload: Workload::W4,
+                    system: name.to_owned(),
+                    durability,
+                    clients: config.w4_clients,
+                    hold_ms: None,
+                    error: outcome.as_ref().err().map(|err| format!("{err:#}")),
+                    metrics: outcome.ok(),
+                });
+            }
+        }
+    }
+}
+
+/// W4: a sync server holding `w4_locks` leases is killed with SIGKILL and restarted on the same
+/// data; recovery time is spawn → `/readyz` 200.
+async fn recovery(bin: &std::path::Path, config: &Config) -> anyhow::Result<RecoveryResult> {
+    let (mut server, dir) = spawn_holdfast(bin, "sync", config)?;
+    let system = crate::adapters::holdfast_system(
+        "holdfast-sync",
+        &server.base_url,
+        Durability::GroupCommit,
+    );
+    let (held, took) = acquire_with(&system, config.w4_clients, config.w4_locks).await?;
+    let rss_kib_before_kill = mem_sample(server.pid()).map(|sample| sample.rss_kib);
+    // Kill before the guards go away, so that nothing is released.
+    server.kill9();
+    drop(held);
+    let spec = ServerSpec {
+        bin: bin.to_path_buf(),
+        durability: "sync".to_owned(),
+        data_dir: dir.path().join("data"),
+        log: dir.path().join("server.log"),
+        extra_args: holdfast_extra_args(config),
+    };
+    let mut restarted = ServerProcess::start(&spec)?;
+    let ready_at = wait_ready(&restarted.base_url, Duration::from_secs(600)).await?;
+    let restart_to_ready = ready_at - restarted.spawned_at;
+    let recovered_locks = active_locks(&restarted.base_url).await.ok();
+    restarted.stop(Duration::from_secs(10));
+    Ok(RecoveryResult {
+        locks: config.w4_locks,
+        clients: config.w4_clients,
+        acquire_s: took.as_secs_f64(),
+        rss_kib_before_kill,
+        stop: "SIGKILL".to_owned(),
+        restart_to_listening_s: restarted.to_listening.as_secs_f64(),
+        restart_to_ready_s: restart_to_ready.as_secs_f64(),
+        recovered_locks,
+    })
+}
+
+async fn acquire_with<S: LockSystem>(
+    system: &S,
+    clients: usize,
+    locks: usize,
+) -> anyhow::Result<(Vec<workload::Held<S>>, Duration)> {
+    let conns = workload::connect_all(system, clients).await?;
+    workload::acquire_many::<S>(conns, locks, &format!("{}/w4", key_prefix())).await
+}
+
+/// `active_locks` of `GET /v1/stats`.
+async fn active_locks(base_url: &str) -> anyhow::Result<u64> {
+    let stats: holdfast_api::StatsResponse = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?
+        .get(format!("{base_url}/v1/stats"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(stats.active_locks)
+}
