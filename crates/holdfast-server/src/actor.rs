@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use holdfast_api::{LockState, StatsResponse};
+use holdfast_api::{HolderInfo, LockState, StatsResponse};
 use holdfast_core::{
     AcquireOutcome, AcquireRequest, ChangeSet, Engine, FencingCheck, Grant, IdempotencyBegin,
     IdempotencyOutcome, IdempotencyRecord, IdempotencyResult, LeaseId, LeaseTarget, LeaseView,
@@ -37,7 +37,7 @@ use tokio::sync::oneshot;
 use crate::auth::Principal;
 use crate::clock::Clock;
 use crate::config::{BATCH_COMMANDS_MAX, Durability};
-use crate::convert::lock_state;
+use crate::convert::{holder_info, lock_state};
 use crate::error::ApiError;
 use crate::events::EventHub;
 use crate::metrics::{self as m, Latencies};
@@ -101,8 +101,8 @@ pub enum Command {
         reason: String,
         /// Admin's token name (for the log).
         admin: Option<String>,
-        /// Answer.
-        reply: Reply<Vec<LeaseView>>,
+        /// Answer: the holders that lost the key, as they were.
+        reply: Reply<Vec<HolderInfo>>,
     },
     /// Admin: force-release a lease.
     ForceReleaseLease {
@@ -112,7 +112,7 @@ pub enum Command {
         reason: String,
         /// Admin's token name (for the log).
         admin: Option<String>,
-        /// Answer.
+        /// Answer: the lease as it was before.
         reply: Reply<LeaseView>,
     },
     /// Read a lease.
@@ -283,7 +283,11 @@ impl EngineHandle {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.send(make(request_id, tx))?;
-        let mut guard = CancelOnDrop { handle: self, request_id, armed: true };
+        let mut guard = CancelOnDrop {
+            handle: self,
+            request_id,
+            armed: true,
+        };
         let backstop = Duration::from_millis(wait_ms.saturating_add(30_000));
         let answer = tokio::time::timeout(backstop, rx).await;
         match answer {
@@ -313,7 +317,9 @@ struct CancelOnDrop<'a> {
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.handle.send(Command::Cancel { request_id: self.request_id });
+            let _ = self.handle.send(Command::Cancel {
+                request_id: self.request_id,
+            });
         }
     }
 }
@@ -323,7 +329,11 @@ enum Delivery {
     /// A grant (undone if undeliverable).
     Grant(Reply<Grant>, Result<Grant, ApiError>),
     /// An idempotency answer (a `Started` is aborted if undeliverable).
-    Idem(Reply<IdempotencyOutcome>, String, Result<IdempotencyOutcome, ApiError>),
+    Idem(
+        Reply<IdempotencyOutcome>,
+        String,
+        Result<IdempotencyOutcome, ApiError>,
+    ),
     /// Anything else.
     Other(Box<dyn FnOnce() + Send>),
 }
@@ -432,7 +442,9 @@ pub fn spawn(parts: HostParts) -> std::io::Result<(EngineHandle, std::thread::Jo
         failed,
         clock: parts.clock,
     };
-    let thread = std::thread::Builder::new().name("holdfast-engine".to_owned()).spawn(move || host.run())?;
+    let thread = std::thread::Builder::new()
+        .name("holdfast-engine".to_owned())
+        .spawn(move || host.run())?;
     Ok((handle, thread))
 }
 
@@ -461,7 +473,9 @@ impl Host {
             }
             let counted = batch.iter().filter(|c| c.counted()).count();
             self.queued.fetch_sub(counted, Ordering::AcqRel);
-            self.counters.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.counters
+                .commands
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             if !batch.is_empty() {
                 metrics::histogram!(m::BATCH_COMMANDS).record(batch.len() as f64);
             }
@@ -483,7 +497,10 @@ impl Host {
                 return;
             }
             if let Some(store) = &mut self.store {
-                if store.unsynced_since().is_some_and(|t| t.elapsed() >= self.async_flush) {
+                if store
+                    .unsynced_since()
+                    .is_some_and(|t| t.elapsed() >= self.async_flush)
+                {
                     match store.flush() {
                         Ok(_) => {
                             self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -505,7 +522,10 @@ impl Host {
     }
 
     fn next_wake(&self) -> Option<Instant> {
-        let engine = self.engine.next_deadline_ms().map(|ms| self.clock.instant_at(ms));
+        let engine = self
+            .engine
+            .next_deadline_ms()
+            .map(|ms| self.clock.instant_at(ms));
         let flush = self
             .store
             .as_ref()
@@ -518,7 +538,10 @@ impl Host {
     }
 
     fn update_gauges(&mut self) {
-        if self.gauges_at.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
+        if self
+            .gauges_at
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(500))
+        {
             return;
         }
         self.gauges_at = Some(Instant::now());
@@ -533,7 +556,10 @@ impl Host {
 
     fn check_owner(&self, lease_id: LeaseId, owner_check: &OwnerCheck) -> Result<(), ApiError> {
         if let Some(owner) = owner_check {
-            let ok = self.engine.lease(lease_id).is_some_and(|l| &l.owner == owner);
+            let ok = self
+                .engine
+                .lease(lease_id)
+                .is_some_and(|l| &l.owner == owner);
             if !ok {
                 return Err(LockError::LeaseNotFound { lease_id }.into());
             }
@@ -556,7 +582,12 @@ impl Host {
     #[allow(clippy::too_many_lines)]
     fn apply(&mut self, cmd: Command, now: u64, out: &mut Vec<Delivery>) {
         match cmd {
-            Command::Acquire { request, owner_check, request_id, reply } => {
+            Command::Acquire {
+                request,
+                owner_check,
+                request_id,
+                reply,
+            } => {
                 let checked = match &request.target {
                     LeaseTarget::Existing(id) => self.check_owner(*id, &owner_check),
                     LeaseTarget::New(new) => self.check_quota(new.owner.as_ref()),
@@ -566,34 +597,72 @@ impl Host {
                     return;
                 }
                 match self.engine.acquire(now, request) {
-                    Ok(AcquireOutcome::Granted(grant)) => out.push(Delivery::Grant(reply, Ok(grant))),
+                    Ok(AcquireOutcome::Granted(grant)) => {
+                        out.push(Delivery::Grant(reply, Ok(grant)))
+                    }
                     Ok(AcquireOutcome::Queued(waiter)) => {
                         self.by_request.insert(request_id, waiter);
-                        self.pending.insert(waiter, (request_id, Pending::Lock(reply)));
+                        self.pending
+                            .insert(waiter, (request_id, Pending::Lock(reply)));
                     }
                     Err(e) => out.push(Delivery::Grant(reply, Err(e.into()))),
                 }
             }
-            Command::Renew { lease_id, ttl_ms, owner_check, reply } => {
+            Command::Renew {
+                lease_id,
+                ttl_ms,
+                owner_check,
+                reply,
+            } => {
                 let r = self
                     .check_owner(lease_id, &owner_check)
                     .and_then(|()| self.engine.renew(now, lease_id, ttl_ms).map_err(Into::into));
                 out.push(other(reply, r));
             }
-            Command::ReleaseLease { lease_id, owner_check, reply } => {
+            Command::ReleaseLease {
+                lease_id,
+                owner_check,
+                reply,
+            } => {
                 let r = self
                     .check_owner(lease_id, &owner_check)
                     .and_then(|()| self.engine.release_lease(now, lease_id).map_err(Into::into));
                 out.push(other(reply, r));
             }
-            Command::ReleaseLock { lease_id, key, owner_check, reply } => {
-                let r = self
-                    .check_owner(lease_id, &owner_check)
-                    .and_then(|()| self.engine.release_lock(now, lease_id, &key).map_err(Into::into));
+            Command::ReleaseLock {
+                lease_id,
+                key,
+                owner_check,
+                reply,
+            } => {
+                let r = self.check_owner(lease_id, &owner_check).and_then(|()| {
+                    self.engine
+                        .release_lock(now, lease_id, &key)
+                        .map_err(Into::into)
+                });
                 out.push(other(reply, r));
             }
-            Command::ForceReleaseLock { key, reason, admin, reply } => {
-                let r = self.engine.force_release_lock(now, &key, &reason).map_err(ApiError::from);
+            Command::ForceReleaseLock {
+                key,
+                reason,
+                admin,
+                reply,
+            } => {
+                let before: Vec<HolderInfo> = self
+                    .engine
+                    .lock_info(&key)
+                    .map(|info| {
+                        info.holders
+                            .iter()
+                            .map(|(id, h)| holder_info(h, Some(*id)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let r = self
+                    .engine
+                    .force_release_lock(now, &key, &reason)
+                    .map_err(ApiError::from)
+                    .map(|_| before);
                 if let Ok(lost) = &r {
                     let holders: Vec<&str> = lost.iter().map(|l| l.holder.as_str()).collect();
                     tracing::info!(
@@ -606,8 +675,18 @@ impl Host {
                 }
                 out.push(other(reply, r));
             }
-            Command::ForceReleaseLease { lease_id, reason, admin, reply } => {
-                let r = self.engine.force_release_lease(now, lease_id, &reason).map_err(ApiError::from);
+            Command::ForceReleaseLease {
+                lease_id,
+                reason,
+                admin,
+                reply,
+            } => {
+                let before = self.engine.lease(lease_id);
+                let r = self
+                    .engine
+                    .force_release_lease(now, lease_id, &reason)
+                    .map_err(ApiError::from)
+                    .map(|after| before.unwrap_or(after));
                 if let Ok(lease) = &r {
                     let keys: Vec<&str> = lease.locks.iter().map(|l| l.key.as_str()).collect();
                     tracing::info!(
@@ -620,7 +699,11 @@ impl Host {
                 }
                 out.push(other(reply, r));
             }
-            Command::GetLease { lease_id, owner_check, reply } => {
+            Command::GetLease {
+                lease_id,
+                owner_check,
+                reply,
+            } => {
                 let r = self.check_owner(lease_id, &owner_check).and_then(|()| {
                     self.engine
                         .lease(lease_id)
@@ -629,10 +712,17 @@ impl Host {
                 out.push(other(reply, r));
             }
             Command::LockInfo { key, viewer, reply } => {
-                let r = self.engine.lock_info(&key).map(|info| self.view(&info, &viewer));
+                let r = self
+                    .engine
+                    .lock_info(&key)
+                    .map(|info| self.view(&info, &viewer));
                 out.push(other(reply, Ok(r)));
             }
-            Command::ListLocks { filter, viewer, reply } => {
+            Command::ListLocks {
+                filter,
+                viewer,
+                reply,
+            } => {
                 let r = self
                     .engine
                     .list_locks(&filter)
@@ -642,8 +732,15 @@ impl Host {
                     .collect();
                 out.push(other(reply, Ok(r)));
             }
-            Command::Fencing { key, fencing_token, reply } => {
-                out.push(other(reply, Ok(self.engine.check_fencing(&key, fencing_token))));
+            Command::Fencing {
+                key,
+                fencing_token,
+                reply,
+            } => {
+                out.push(other(
+                    reply,
+                    Ok(self.engine.check_fencing(&key, fencing_token)),
+                ));
             }
             Command::Stats { reply } => {
                 let s = self.engine.stats();
@@ -665,7 +762,11 @@ impl Host {
                 };
                 out.push(other(reply, Ok(r)));
             }
-            Command::IdemBegin { begin, request_id, reply } => {
+            Command::IdemBegin {
+                begin,
+                request_id,
+                reply,
+            } => {
                 if let Err(e) = self.check_quota(begin.lease.owner.as_ref()) {
                     out.push(Delivery::Idem(reply, begin.key, Err(e)));
                     return;
@@ -674,13 +775,20 @@ impl Host {
                 match self.engine.idempotency_begin(now, begin) {
                     Ok(IdempotencyOutcome::Queued(waiter)) => {
                         self.by_request.insert(request_id, waiter);
-                        self.pending.insert(waiter, (request_id, Pending::Idem(reply, key)));
+                        self.pending
+                            .insert(waiter, (request_id, Pending::Idem(reply, key)));
                     }
                     Ok(outcome) => out.push(Delivery::Idem(reply, key, Ok(outcome))),
                     Err(e) => out.push(Delivery::Idem(reply, key, Err(e.into()))),
                 }
             }
-            Command::IdemComplete { key, lease_id, result, owner_check, reply } => {
+            Command::IdemComplete {
+                key,
+                lease_id,
+                result,
+                owner_check,
+                reply,
+            } => {
                 let r = self.check_owner(lease_id, &owner_check).and_then(|()| {
                     self.engine
                         .idempotency_complete(now, &key, lease_id, result)
@@ -688,16 +796,25 @@ impl Host {
                 });
                 out.push(other(reply, r));
             }
-            Command::IdemAbort { key, lease_id, owner_check, reply } => {
-                let r = self
-                    .check_owner(lease_id, &owner_check)
-                    .and_then(|()| self.engine.idempotency_abort(now, &key, lease_id).map_err(Into::into));
+            Command::IdemAbort {
+                key,
+                lease_id,
+                owner_check,
+                reply,
+            } => {
+                let r = self.check_owner(lease_id, &owner_check).and_then(|()| {
+                    self.engine
+                        .idempotency_abort(now, &key, lease_id)
+                        .map_err(Into::into)
+                });
                 out.push(other(reply, r));
             }
             Command::IdemGet { key, reply } => {
                 let r = self.engine.idempotency_get(&key).map(|rec| {
                     let lease = match &rec.state {
-                        holdfast_core::IdempotencyState::InProgress { lease_id } => self.engine.lease(*lease_id),
+                        holdfast_core::IdempotencyState::InProgress { lease_id } => {
+                            self.engine.lease(*lease_id)
+                        }
                         holdfast_core::IdempotencyState::Completed(_) => None,
                     };
                     (rec, lease)
@@ -719,7 +836,11 @@ impl Host {
 
     fn view(&self, info: &holdfast_core::LockInfo, viewer: &Principal) -> LockState {
         lock_state(info, |id| {
-            viewer.is_admin() || self.owners.get(&id).is_some_and(|o| o.is_some() && *o == viewer.name)
+            viewer.is_admin()
+                || self
+                    .owners
+                    .get(&id)
+                    .is_some_and(|o| o.is_some() && *o == viewer.name)
         })
     }
 
@@ -792,11 +913,18 @@ impl Host {
                         deliveries.push(Delivery::Idem(reply, key, Err(e.into())));
                     }
                     (Pending::Lock(reply), WaitOutcome::Idempotency(_)) => {
-                        deliveries.push(Delivery::Grant(reply, Err(ApiError::internal("lock waiter got an idempotency answer"))));
+                        deliveries.push(Delivery::Grant(
+                            reply,
+                            Err(ApiError::internal("lock waiter got an idempotency answer")),
+                        ));
                     }
                     (Pending::Idem(reply, key), WaitOutcome::Granted(grant)) => {
                         self.engine.undo_grant(now, &grant);
-                        deliveries.push(Delivery::Idem(reply, key, Err(ApiError::internal("idempotency waiter got a lock grant"))));
+                        deliveries.push(Delivery::Idem(
+                            reply,
+                            key,
+                            Err(ApiError::internal("idempotency waiter got a lock grant")),
+                        ));
                     }
                 }
             }
@@ -808,7 +936,8 @@ impl Host {
                     let started = Instant::now();
                     match store.apply(&changes) {
                         Ok(info) => {
-                            metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                            metrics::histogram!(m::COMMIT_SECONDS)
+                                .record(started.elapsed().as_secs_f64());
                             metrics::counter!(m::COMMITS).increment(1);
                             self.counters.commits.fetch_add(1, Ordering::Relaxed);
                             if info.synced {
@@ -869,7 +998,10 @@ impl Host {
     }
 
     fn store_failed(&mut self, error: &str) {
-        tracing::error!(error, "store commit failed: stopping (fail-stop); restart recovers from the last durable commit");
+        tracing::error!(
+            error,
+            "store commit failed: stopping (fail-stop); restart recovers from the last durable commit"
+        );
         self.failed.store(true, Ordering::SeqCst);
         if self.exit_on_store_failure {
             std::process::exit(70);

@@ -36,7 +36,11 @@ impl Principal {
     /// The open-mode principal: anonymous admin.
     #[must_use]
     pub fn open_admin() -> Self {
-        Self { name: None, role: Role::Admin, prefixes: None }
+        Self {
+            name: None,
+            role: Role::Admin,
+            prefixes: None,
+        }
     }
 
     /// True for admins.
@@ -103,7 +107,11 @@ impl Principal {
     /// (admin), `Some(owner)` = only leases created by that owner.
     #[must_use]
     pub fn owner_filter(&self) -> Option<Option<String>> {
-        if self.is_admin() { None } else { Some(self.name.clone()) }
+        if self.is_admin() {
+            None
+        } else {
+            Some(self.name.clone())
+        }
     }
 
     fn display_name(&self) -> &str {
@@ -200,12 +208,18 @@ mod tests {
     #[test]
     fn bearer_token_matches_digest() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer s3cret"),
+        );
         let p = auth().authenticate(&headers).unwrap();
         assert_eq!(p.name.as_deref(), Some("c"));
         assert!(p.may_access("clinic/x"));
         assert!(!p.may_access("other/x"));
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer wrong"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer wrong"),
+        );
         assert!(auth().authenticate(&headers).is_err());
         assert!(auth().authenticate(&HeaderMap::new()).is_err());
     }

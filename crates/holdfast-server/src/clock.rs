@@ -25,13 +25,17 @@ impl Clock {
         let epoch_start_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        Self { epoch_start_ms, start: Instant::now() }
+        Self {
+            epoch_start_ms,
+            start: Instant::now(),
+        }
     }
 
     /// Current time in epoch milliseconds.
     #[must_use]
     pub fn now_ms(&self) -> u64 {
-        self.epoch_start_ms + u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX / 2)
+        self.epoch_start_ms
+            + u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX / 2)
     }
 
     /// The instant at which [`Clock::now_ms`] reaches `ms`.

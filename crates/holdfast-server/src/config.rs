@@ -51,7 +51,8 @@ pub const LEASES_PER_TOKEN_MAX_DEFAULT: u64 = 10_000;
 /// Default largest request body, in bytes (idempotency results get [`IDEMPOTENCY_BODY_BYTES_MAX`]).
 pub const REQUEST_BODY_BYTES_MAX_DEFAULT: usize = 64 * 1024;
 /// Largest body of `PUT /v1/idempotency/{key}`: a 1 MiB result plus JSON escaping slack.
-pub const IDEMPOTENCY_BODY_BYTES_MAX: usize = 2 * core_limits::IDEMPOTENCY_RESULT_BODY_BYTES_MAX + 64 * 1024;
+pub const IDEMPOTENCY_BODY_BYTES_MAX: usize =
+    2 * core_limits::IDEMPOTENCY_RESULT_BODY_BYTES_MAX + 64 * 1024;
 /// Default most commands waiting for the engine; beyond it requests get `overloaded`.
 pub const COMMAND_QUEUE_MAX_DEFAULT: usize = 10_000;
 /// Most commands the engine host applies in one batch (one store commit).
@@ -304,7 +305,10 @@ impl ServerConfig {
         let d = ServerLimits::default();
         let fl = &file.limits;
         let engine = Limits {
-            key_bytes_max: args.key_bytes_max.or(fl.key_bytes_max).unwrap_or(d.engine.key_bytes_max),
+            key_bytes_max: args
+                .key_bytes_max
+                .or(fl.key_bytes_max)
+                .unwrap_or(d.engine.key_bytes_max),
             holder_bytes_max: fl.holder_bytes_max.unwrap_or(d.engine.holder_bytes_max),
             metadata_bytes_max: fl.metadata_bytes_max.unwrap_or(d.engine.metadata_bytes_max),
             locks_per_request_max: args
@@ -319,26 +323,39 @@ impl ServerConfig {
             lease_ttl_ms_max: d.engine.lease_ttl_ms_max,
         };
         let config = Self {
-            listen: args.listen.clone().or(file.listen).unwrap_or_else(|| LISTEN_DEFAULT.to_owned()),
+            listen: args
+                .listen
+                .clone()
+                .or(file.listen)
+                .unwrap_or_else(|| LISTEN_DEFAULT.to_owned()),
             data_dir: args
                 .data_dir
                 .clone()
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
-            durability: args.durability.or(file.durability).unwrap_or(Durability::Sync),
+            durability: args
+                .durability
+                .or(file.durability)
+                .unwrap_or(Durability::Sync),
             restart_grace_ms: args
                 .restart_grace_ms
                 .or(file.restart_grace_ms)
                 .unwrap_or(RESTART_GRACE_MS_DEFAULT),
-            async_flush_ms: args.async_flush_ms.or(file.async_flush_ms).unwrap_or(ASYNC_FLUSH_MS_DEFAULT),
-            allow_insecure_bind: args.allow_insecure_bind || file.allow_insecure_bind.unwrap_or(false),
+            async_flush_ms: args
+                .async_flush_ms
+                .or(file.async_flush_ms)
+                .unwrap_or(ASYNC_FLUSH_MS_DEFAULT),
+            allow_insecure_bind: args.allow_insecure_bind
+                || file.allow_insecure_bind.unwrap_or(false),
             limits: ServerLimits {
                 engine,
                 leases_per_token_max: args
                     .leases_per_token_max
                     .or(fl.leases_per_token_max)
                     .unwrap_or(d.leases_per_token_max),
-                request_body_bytes_max: fl.request_body_bytes_max.unwrap_or(d.request_body_bytes_max),
+                request_body_bytes_max: fl
+                    .request_body_bytes_max
+                    .unwrap_or(d.request_body_bytes_max),
                 command_queue_max: fl.command_queue_max.unwrap_or(d.command_queue_max),
             },
             tokens: file.tokens,
@@ -356,15 +373,37 @@ impl ServerConfig {
         let e = &self.limits.engine;
         let d = Limits::default();
         let checks: [(&str, u64, u64); 5] = [
-            ("key_bytes_max", e.key_bytes_max as u64, d.key_bytes_max as u64),
-            ("holder_bytes_max", e.holder_bytes_max as u64, d.holder_bytes_max as u64),
-            ("metadata_bytes_max", e.metadata_bytes_max as u64, d.metadata_bytes_max as u64),
-            ("locks_per_request_max", e.locks_per_request_max as u64, d.locks_per_request_max as u64),
-            ("waiters_per_key_max", e.waiters_per_key_max as u64, d.waiters_per_key_max as u64),
+            (
+                "key_bytes_max",
+                e.key_bytes_max as u64,
+                d.key_bytes_max as u64,
+            ),
+            (
+                "holder_bytes_max",
+                e.holder_bytes_max as u64,
+                d.holder_bytes_max as u64,
+            ),
+            (
+                "metadata_bytes_max",
+                e.metadata_bytes_max as u64,
+                d.metadata_bytes_max as u64,
+            ),
+            (
+                "locks_per_request_max",
+                e.locks_per_request_max as u64,
+                d.locks_per_request_max as u64,
+            ),
+            (
+                "waiters_per_key_max",
+                e.waiters_per_key_max as u64,
+                d.waiters_per_key_max as u64,
+            ),
         ];
         for (name, value, max) in checks {
             if value == 0 || value > max {
-                return Err(ServeError::Config(format!("limit {name} must be 1..={max}, got {value}")));
+                return Err(ServeError::Config(format!(
+                    "limit {name} must be 1..={max}, got {value}"
+                )));
             }
         }
         if self.limits.leases_per_token_max == 0
@@ -376,7 +415,9 @@ impl ServerConfig {
             ));
         }
         if self.async_flush_ms == 0 {
-            return Err(ServeError::Config("async_flush_ms must be positive".to_owned()));
+            return Err(ServeError::Config(
+                "async_flush_ms must be positive".to_owned(),
+            ));
         }
         let mut names = std::collections::BTreeSet::new();
         for token in &self.tokens {
@@ -386,7 +427,9 @@ impl ServerConfig {
                     token.name
                 )));
             }
-            let ok = hex::decode(&token.sha256).map(|b| b.len() == 32).unwrap_or(false);
+            let ok = hex::decode(&token.sha256)
+                .map(|b| b.len() == 32)
+                .unwrap_or(false);
             if !ok {
                 return Err(ServeError::Config(format!(
                     "token {}: sha256 must be 64 hex digits (the SHA-256 of the secret)",
@@ -406,9 +449,16 @@ impl ServerConfig {
         let addr = self
             .listen
             .to_socket_addrs()
-            .map_err(|e| ServeError::Config(format!("invalid listen address {:?}: {e}", self.listen)))?
+            .map_err(|e| {
+                ServeError::Config(format!("invalid listen address {:?}: {e}", self.listen))
+            })?
             .next()
-            .ok_or_else(|| ServeError::Config(format!("listen address {:?} resolves to nothing", self.listen)))?;
+            .ok_or_else(|| {
+                ServeError::Config(format!(
+                    "listen address {:?} resolves to nothing",
+                    self.listen
+                ))
+            })?;
         if self.tokens.is_empty() && !addr.ip().is_loopback() && !self.allow_insecure_bind {
             return Err(ServeError::InsecureBind(addr));
         }

@@ -15,7 +15,9 @@ pub fn mode_of(kind: &LockKind) -> (LockMode, Option<u32>, Option<u32>) {
     match kind {
         LockKind::Exclusive => (LockMode::Exclusive, None, None),
         LockKind::Shared => (LockMode::Shared, None, None),
-        LockKind::Semaphore { limit, permits } => (LockMode::Semaphore, Some(*limit), Some(*permits)),
+        LockKind::Semaphore { limit, permits } => {
+            (LockMode::Semaphore, Some(*limit), Some(*permits))
+        }
     }
 }
 
@@ -61,10 +63,9 @@ pub fn lease_response(v: &LeaseView, now_ms: u64) -> LeaseResponse {
         expires_at_ms: v.expires_at_ms,
         remaining_ms: v.expires_at_ms.saturating_sub(now_ms),
         reason: v.reason.clone(),
-        metadata: v
-            .metadata
-            .as_deref()
-            .and_then(|m| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(m).ok()),
+        metadata: v.metadata.as_deref().and_then(|m| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(m).ok()
+        }),
         locks: v.locks.iter().map(held_lock).collect(),
     }
 }
@@ -108,12 +109,16 @@ pub fn lock_state(info: &LockInfo, show_lease: impl Fn(LeaseId) -> bool) -> Lock
 /// Inconsistent mode, limit and permits.
 pub fn lock_spec(r: &LockRequest, index: usize) -> Result<LockSpec, ApiError> {
     let field = |name: &str| format!("locks[{index}].{name}");
-    let semaphore = matches!(r.mode, Some(LockMode::Semaphore)) || (r.mode.is_none() && r.limit.is_some());
+    let semaphore =
+        matches!(r.mode, Some(LockMode::Semaphore)) || (r.mode.is_none() && r.limit.is_some());
     let kind = if semaphore {
         let limit = r
             .limit
             .ok_or_else(|| ApiError::invalid(field("limit"), "a semaphore needs `limit`"))?;
-        LockKind::Semaphore { limit, permits: r.permits.unwrap_or(1) }
+        LockKind::Semaphore {
+            limit,
+            permits: r.permits.unwrap_or(1),
+        }
     } else {
         if r.limit.is_some() || r.permits.is_some() {
             return Err(ApiError::invalid(
@@ -126,7 +131,11 @@ pub fn lock_spec(r: &LockRequest, index: usize) -> Result<LockSpec, ApiError> {
             _ => LockKind::Exclusive,
         }
     };
-    Ok(LockSpec { key: r.key.clone(), kind, lock_delay_ms: r.lock_delay_ms.unwrap_or(0) })
+    Ok(LockSpec {
+        key: r.key.clone(),
+        kind,
+        lock_delay_ms: r.lock_delay_ms.unwrap_or(0),
+    })
 }
 
 /// The snake_case name of an event kind.

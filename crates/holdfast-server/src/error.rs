@@ -25,7 +25,10 @@ pub struct ApiError {
 impl ApiError {
     /// Code and message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { body: ErrorBody::new(code, message), extra: None }
+        Self {
+            body: ErrorBody::new(code, message),
+            extra: None,
+        }
     }
 
     /// `400 invalid_request` naming the field.
@@ -70,7 +73,8 @@ impl ApiError {
     /// The HTTP status.
     #[must_use]
     pub fn status(&self) -> StatusCode {
-        StatusCode::from_u16(self.body.error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        StatusCode::from_u16(self.body.error.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 }
 
@@ -90,7 +94,11 @@ pub fn from_lock_error(e: &LockError) -> ApiError {
     };
     match e {
         LockError::Invalid { field, .. } => ApiError::invalid(field.clone(), message),
-        LockError::LockHeld { key, holders: hs, delayed_until_ms } => {
+        LockError::LockHeld {
+            key,
+            holders: hs,
+            delayed_until_ms,
+        } => {
             let mut a = ApiError::new(ErrorCode::LockHeld, message).with_key(key);
             a.body.holders = holders(hs);
             a.body.delayed_until_ms = *delayed_until_ms;
@@ -106,7 +114,9 @@ pub fn from_lock_error(e: &LockError) -> ApiError {
             a.body.cycle.clone_from(cycle);
             a
         }
-        LockError::LimitMismatch { key, .. } => ApiError::new(ErrorCode::LimitMismatch, message).with_key(key),
+        LockError::LimitMismatch { key, .. } => {
+            ApiError::new(ErrorCode::LimitMismatch, message).with_key(key)
+        }
         LockError::LeaseNotFound { .. } => ApiError::new(ErrorCode::LeaseNotFound, message),
         LockError::LockNotHeld { key } | LockError::LockNotFound { key } => {
             ApiError::new(ErrorCode::LockNotFound, message).with_key(key)
@@ -119,7 +129,9 @@ pub fn from_lock_error(e: &LockError) -> ApiError {
         }
         LockError::Overloaded { .. } => ApiError::overloaded(message),
         // Only reaches a client whose wait was cancelled by the server itself (shutdown).
-        LockError::Cancelled => ApiError::overloaded("the wait was cancelled (server shutting down)"),
+        LockError::Cancelled => {
+            ApiError::overloaded("the wait was cancelled (server shutting down)")
+        }
     }
 }
 

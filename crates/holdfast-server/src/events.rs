@@ -50,14 +50,19 @@ impl EventHub {
     pub fn new(capacity: usize, next_seq: u64) -> Self {
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         Self {
-            ring: Mutex::new(Ring { events: VecDeque::with_capacity(capacity.min(1024)), next_seq }),
+            ring: Mutex::new(Ring {
+                events: VecDeque::with_capacity(capacity.min(1024)),
+                next_seq,
+            }),
             capacity,
             tx,
         }
     }
 
     fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
-        self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Publish events (in sequence order).
@@ -84,15 +89,28 @@ impl EventHub {
         let ring = self.ring();
         let live = self.tx.subscribe();
         let Some(after) = after_seq else {
-            return Subscription { backlog: Vec::new(), missed: None, live };
+            return Subscription {
+                backlog: Vec::new(),
+                missed: None,
+                live,
+            };
         };
         let oldest = ring.events.front().map_or(ring.next_seq, |e| e.seq);
         let missed = (after.saturating_add(1) < oldest).then(|| Missed {
             from_seq: after + 1,
             to_seq: oldest - 1,
         });
-        let backlog = ring.events.iter().filter(|e| e.seq > after).cloned().collect();
-        Subscription { backlog, missed, live }
+        let backlog = ring
+            .events
+            .iter()
+            .filter(|e| e.seq > after)
+            .cloned()
+            .collect();
+        Subscription {
+            backlog,
+            missed,
+            live,
+        }
     }
 }
 
@@ -120,10 +138,19 @@ mod tests {
         let hub = EventHub::new(3, 1);
         hub.publish((1..=5).map(ev).collect());
         let s = hub.subscribe(Some(3));
-        assert_eq!(s.backlog.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(
+            s.backlog.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
         assert_eq!(s.missed, None);
         let s = hub.subscribe(Some(0));
-        assert_eq!(s.missed, Some(Missed { from_seq: 1, to_seq: 2 }));
+        assert_eq!(
+            s.missed,
+            Some(Missed {
+                from_seq: 1,
+                to_seq: 2
+            })
+        );
         assert_eq!(s.backlog.len(), 3);
         let mut s = hub.subscribe(None);
         hub.publish(vec![ev(6)]);

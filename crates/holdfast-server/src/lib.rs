@@ -92,7 +92,9 @@ pub enum ServeError {
         source: store::StoreError,
     },
     /// The stored state is inconsistent.
-    #[error("data directory {dir}: {source}; refusing to start (the data is not reset automatically)")]
+    #[error(
+        "data directory {dir}: {source}; refusing to start (the data is not reset automatically)"
+    )]
     Restore {
         /// The directory.
         dir: std::path::PathBuf,
@@ -118,7 +120,9 @@ pub struct RunningServer {
 
 impl std::fmt::Debug for RunningServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningServer").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("RunningServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -148,7 +152,10 @@ impl RunningServer {
         self.signal_stop();
         if let Some(task) = self.server_task.take() {
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }
@@ -188,7 +195,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let (engine, store, state_summary) = open_engine(&config, &clock).await?;
     let recovery_ms = recovery_started.elapsed().as_millis();
 
-    let hub = Arc::new(EventHub::new(config::EVENT_BUFFER_MAX, state_summary.event_seq_next));
+    let hub = Arc::new(EventHub::new(
+        config::EVENT_BUFFER_MAX,
+        state_summary.event_seq_next,
+    ));
     let counters = Arc::new(ServerCounters::default());
     let (engine_handle, host_thread) = actor::spawn(HostParts {
         engine,
@@ -205,7 +215,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
 
     let auth = Authenticator::new(&config.tokens);
     let auth_mode = if auth.is_open() {
-        "open (no tokens: every caller is admin; loopback only unless --allow-insecure-bind)".to_owned()
+        "open (no tokens: every caller is admin; loopback only unless --allow-insecure-bind)"
+            .to_owned()
     } else {
         format!("bearer tokens ({} configured)", config.tokens.len())
     };
@@ -258,10 +269,21 @@ struct Summary {
     event_seq_next: u64,
 }
 
-async fn open_engine(config: &ServerConfig, clock: &Clock) -> Result<(Engine, Option<Store>, Summary), ServeError> {
+async fn open_engine(
+    config: &ServerConfig,
+    clock: &Clock,
+) -> Result<(Engine, Option<Store>, Summary), ServeError> {
     let limits = config.limits.engine.clone();
     if config.durability == Durability::Memory {
-        return Ok((Engine::new(limits), None, Summary { leases: 0, idempotency: 0, event_seq_next: 1 }));
+        return Ok((
+            Engine::new(limits),
+            None,
+            Summary {
+                leases: 0,
+                idempotency: 0,
+                event_seq_next: 1,
+            },
+        ));
     }
     let dir = config.data_dir.clone();
     let durability = config.durability;
@@ -269,7 +291,10 @@ async fn open_engine(config: &ServerConfig, clock: &Clock) -> Result<(Engine, Op
     let clock = *clock;
     // redb is synchronous: open and read on a blocking thread.
     tokio::task::spawn_blocking(move || {
-        let store_err = |source| ServeError::Store { dir: dir.clone(), source };
+        let store_err = |source| ServeError::Store {
+            dir: dir.clone(),
+            source,
+        };
         let mut store = Store::open(&dir, durability).map_err(store_err)?;
         let state = store.load().map_err(store_err)?;
         let summary = Summary {
@@ -277,8 +302,12 @@ async fn open_engine(config: &ServerConfig, clock: &Clock) -> Result<(Engine, Op
             idempotency: state.idempotency.len(),
             event_seq_next: state.event_seq_next,
         };
-        let engine = Engine::restore(limits, state, clock.now_ms(), grace)
-            .map_err(|source| ServeError::Restore { dir: dir.clone(), source })?;
+        let engine = Engine::restore(limits, state, clock.now_ms(), grace).map_err(|source| {
+            ServeError::Restore {
+                dir: dir.clone(),
+                source,
+            }
+        })?;
         Ok((engine, Some(store), summary))
     })
     .await
@@ -302,7 +331,9 @@ fn init_tracing() {
 pub fn serve_blocking(args: ServeArgs) -> Result<(), ServeError> {
     init_tracing();
     let config = ServerConfig::from_args(&args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let server = start(config).await?;
         {

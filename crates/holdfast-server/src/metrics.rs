@@ -51,18 +51,24 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let seconds = [
             0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0,
         ];
-        let batch = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+        let batch = [
+            1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+        ];
         let builder = || {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &seconds)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_COMMANDS.to_owned()), &batch))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_COMMANDS.to_owned()), &batch)
+                })
         };
         match builder() {
             Ok(b) => {
                 let recorder = b.build_recorder();
                 let handle = recorder.handle();
                 if metrics::set_global_recorder(recorder).is_err() {
-                    tracing::warn!("a metrics recorder is already installed; /metrics will be empty");
+                    tracing::warn!(
+                        "a metrics recorder is already installed; /metrics will be empty"
+                    );
                 }
                 handle
             }
@@ -96,7 +102,10 @@ impl Latencies {
             h.auto(true);
             h
         };
-        Self { wait_ms: make(), hold_ms: make() }
+        Self {
+            wait_ms: make(),
+            hold_ms: make(),
+        }
     }
 
     /// Count an event in the Prometheus metrics and the histograms.

@@ -60,7 +60,9 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// A record failed to decode or validate.
-    #[error("corrupt record in table {table} ({record}): {reason}; the data directory needs repair or restore from backup, it is never reset automatically")]
+    #[error(
+        "corrupt record in table {table} ({record}): {reason}; the data directory needs repair or restore from backup, it is never reset automatically"
+    )]
     Corrupt {
         /// Table name.
         table: &'static str,
@@ -70,7 +72,9 @@ pub enum StoreError {
         reason: String,
     },
     /// The on-disk format is from another version.
-    #[error("database format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "database format version {found} is not supported (this build reads version {FORMAT_VERSION})"
+    )]
     Version {
         /// Found version.
         found: u64,
@@ -108,7 +112,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("durability", &self.durability).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
     }
 }
 
@@ -180,11 +186,12 @@ impl Store {
         for entry in leases.iter()? {
             let (k, v) = entry?;
             let id = LeaseId(k.value());
-            let record: LeaseRecord = postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
-                table: "leases",
-                record: format!("lease {id}"),
-                reason: e.to_string(),
-            })?;
+            let record: LeaseRecord =
+                postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "leases",
+                    record: format!("lease {id}"),
+                    reason: e.to_string(),
+                })?;
             if record.lease_id != id {
                 return Err(StoreError::Corrupt {
                     table: "leases",
@@ -198,11 +205,12 @@ impl Store {
         for entry in idem.iter()? {
             let (k, v) = entry?;
             let key = k.value().to_owned();
-            let record: IdempotencyRecord = postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
-                table: "idempotency",
-                record: format!("key {key:?}"),
-                reason: e.to_string(),
-            })?;
+            let record: IdempotencyRecord =
+                postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "idempotency",
+                    record: format!("key {key:?}"),
+                    reason: e.to_string(),
+                })?;
             if record.key != key {
                 return Err(StoreError::Corrupt {
                     table: "idempotency",
@@ -252,11 +260,12 @@ impl Store {
             for (id, record) in &changes.leases {
                 match record {
                     Some(record) => {
-                        let bytes = postcard::to_stdvec(record).map_err(|e| StoreError::Corrupt {
-                            table: "leases",
-                            record: format!("lease {id}"),
-                            reason: format!("encode: {e}"),
-                        })?;
+                        let bytes =
+                            postcard::to_stdvec(record).map_err(|e| StoreError::Corrupt {
+                                table: "leases",
+                                record: format!("lease {id}"),
+                                reason: format!("encode: {e}"),
+                            })?;
                         leases.insert(id.0, bytes.as_slice())?;
                     }
                     None => {
@@ -268,11 +277,12 @@ impl Store {
             for (key, record) in &changes.idempotency {
                 match record {
                     Some(record) => {
-                        let bytes = postcard::to_stdvec(record).map_err(|e| StoreError::Corrupt {
-                            table: "idempotency",
-                            record: format!("key {key:?}"),
-                            reason: format!("encode: {e}"),
-                        })?;
+                        let bytes =
+                            postcard::to_stdvec(record).map_err(|e| StoreError::Corrupt {
+                                table: "idempotency",
+                                record: format!("key {key:?}"),
+                                reason: format!("encode: {e}"),
+                            })?;
                         idem.insert(key.as_str(), bytes.as_slice())?;
                     }
                     None => {
@@ -311,7 +321,11 @@ impl Store {
     /// When the oldest unsynced commit was made, if any (`async` mode).
     #[must_use]
     pub fn unsynced_since(&self) -> Option<Instant> {
-        if self.unsynced { self.unsynced_since } else { None }
+        if self.unsynced {
+            self.unsynced_since
+        } else {
+            None
+        }
     }
 
     /// Make every earlier commit durable (an empty durable commit). No-op if nothing is
@@ -364,7 +378,11 @@ mod tests {
         {
             let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
             assert_eq!(store.load().unwrap().leases.len(), 0);
-            let mut cs = ChangeSet { fencing_next: Some(8), event_seq_next: Some(3), ..ChangeSet::default() };
+            let mut cs = ChangeSet {
+                fencing_next: Some(8),
+                event_seq_next: Some(3),
+                ..ChangeSet::default()
+            };
             cs.leases.insert(LeaseId(1), Some(lease(1)));
             cs.leases.insert(LeaseId(2), Some(lease(2)));
             cs.lock_delays.insert("k".into(), Some(99));
@@ -386,9 +404,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path(), Durability::Async).unwrap();
         store.load().unwrap();
-        let cs = ChangeSet { fencing_next: Some(5), ..ChangeSet::default() };
-        assert!(store.apply(&cs).unwrap().synced, "first counter move reserves durably");
-        let cs = ChangeSet { fencing_next: Some(6), ..ChangeSet::default() };
+        let cs = ChangeSet {
+            fencing_next: Some(5),
+            ..ChangeSet::default()
+        };
+        assert!(
+            store.apply(&cs).unwrap().synced,
+            "first counter move reserves durably"
+        );
+        let cs = ChangeSet {
+            fencing_next: Some(6),
+            ..ChangeSet::default()
+        };
         assert!(!store.apply(&cs).unwrap().synced);
         assert!(store.unsynced_since().is_some());
         assert!(store.flush().unwrap());
@@ -411,7 +438,10 @@ mod tests {
         {
             let store = Store::open(dir.path(), Durability::Sync).unwrap();
             let tx = store.db.begin_write().unwrap();
-            tx.open_table(LEASES).unwrap().insert(5u128, &[0xff_u8, 0xff, 0xff][..]).unwrap();
+            tx.open_table(LEASES)
+                .unwrap()
+                .insert(5u128, &[0xff_u8, 0xff, 0xff][..])
+                .unwrap();
             tx.commit().unwrap();
         }
         let mut store = Store::open(dir.path(), Durability::Sync).unwrap();

@@ -15,11 +15,10 @@ use crate::auth::Principal;
 use crate::convert::mode_of;
 use crate::error::ApiError;
 
-fn holders_of(lease: &LeaseView, key: Option<&str>) -> Vec<HolderInfo> {
+fn holders_of(lease: &LeaseView) -> Vec<HolderInfo> {
     lease
         .locks
         .iter()
-        .filter(|l| key.is_none_or(|k| l.key == k))
         .map(|l| {
             let (mode, _, permits) = mode_of(&l.kind);
             HolderInfo {
@@ -39,7 +38,10 @@ fn holders_of(lease: &LeaseView, key: Option<&str>) -> Vec<HolderInfo> {
 
 fn reason_of(body: ForceReleaseRequest) -> Result<String, ApiError> {
     if body.reason.trim().is_empty() {
-        return Err(ApiError::invalid("reason", "a force release needs a non-empty reason"));
+        return Err(ApiError::invalid(
+            "reason",
+            "a force release needs a non-empty reason",
+        ));
     }
     Ok(body.reason)
 }
@@ -70,16 +72,18 @@ pub async fn force_release_lock(
     };
     principal.check_admin()?;
     let reason = reason_of(body)?;
-    let key = key.to_owned();
-    let k = key.clone();
+    let k = key.to_owned();
     let admin = principal.name.clone();
     let lost = state
         .engine
-        .call(|reply| Command::ForceReleaseLock { key: k, reason, admin, reply })
+        .call(|reply| Command::ForceReleaseLock {
+            key: k,
+            reason,
+            admin,
+            reply,
+        })
         .await?;
-    Ok(Json(ForceReleaseResponse {
-        released: lost.iter().flat_map(|l| holders_of(l, Some(&key))).collect(),
-    }))
+    Ok(Json(ForceReleaseResponse { released: lost }))
 }
 
 /// Admin: release a whole lease involuntarily (lock-delay applies).
@@ -105,7 +109,14 @@ pub async fn force_release_lease(
     let admin = principal.name.clone();
     let lease = state
         .engine
-        .call(|reply| Command::ForceReleaseLease { lease_id, reason, admin, reply })
+        .call(|reply| Command::ForceReleaseLease {
+            lease_id,
+            reason,
+            admin,
+            reply,
+        })
         .await?;
-    Ok(Json(ForceReleaseResponse { released: holders_of(&lease, None) }))
+    Ok(Json(ForceReleaseResponse {
+        released: holders_of(&lease),
+    }))
 }

@@ -48,7 +48,8 @@ impl StreamState {
     fn visible(&self, e: &Event) -> bool {
         match &e.key {
             Some(key) => {
-                self.principal.may_access(key) && self.prefix.as_deref().is_none_or(|p| key.starts_with(p))
+                self.principal.may_access(key)
+                    && self.prefix.as_deref().is_none_or(|p| key.starts_with(p))
             }
             None => self.prefix.is_none() && self.principal.prefixes.is_none(),
         }
@@ -149,7 +150,12 @@ pub async fn stream(
             v.to_str()
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| ApiError::invalid("Last-Event-ID", "Last-Event-ID must be an event sequence number"))?,
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "Last-Event-ID",
+                        "Last-Event-ID must be an event sequence number",
+                    )
+                })?,
         ),
     };
     let sub = state.hub.subscribe(after);

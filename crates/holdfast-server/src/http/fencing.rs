@@ -23,7 +23,14 @@ pub async fn check(
     let FencingCheckRequest { key, fencing_token } = body;
     let r = state
         .engine
-        .call(|reply| Command::Fencing { key, fencing_token, reply })
+        .call(|reply| Command::Fencing {
+            key,
+            fencing_token,
+            reply,
+        })
         .await?;
-    Ok(Json(FencingCheckResponse { current: r.current, current_tokens: r.current_tokens }))
+    Ok(Json(FencingCheckResponse {
+        current: r.current,
+        current_tokens: r.current_tokens,
+    }))
 }

@@ -10,11 +10,15 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use holdfast_api::{
-    ErrorBody, ErrorCode, IdempotencyAbortRequest, IdempotencyBeginRequest, IdempotencyCompleteRequest,
-    IdempotencyResponse, IdempotencyResultBody, IdempotencyStateName,
+    ErrorBody, ErrorCode, IdempotencyAbortRequest, IdempotencyBeginRequest,
+    IdempotencyCompleteRequest, IdempotencyResponse, IdempotencyResultBody, IdempotencyStateName,
 };
-use holdfast_core::limits::{IDEMPOTENCY_RESULT_BODY_BYTES_MAX, IDEMPOTENCY_TTL_MS_DEFAULT, LEASE_TTL_MS_DEFAULT};
-use holdfast_core::{IdempotencyBegin, IdempotencyOutcome, IdempotencyResult, IdempotencyState, NewLease};
+use holdfast_core::limits::{
+    IDEMPOTENCY_RESULT_BODY_BYTES_MAX, IDEMPOTENCY_TTL_MS_DEFAULT, LEASE_TTL_MS_DEFAULT,
+};
+use holdfast_core::{
+    IdempotencyBegin, IdempotencyOutcome, IdempotencyResult, IdempotencyState, NewLease,
+};
 
 use super::{ApiJson, ApiPath, OptionalJson, Shared, new_lease_id, parse_lease_id};
 use crate::actor::Command;
@@ -25,7 +29,11 @@ use crate::error::ApiError;
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
 fn result_body(r: IdempotencyResult) -> IdempotencyResultBody {
-    IdempotencyResultBody { status: r.status, headers: r.headers, body: r.body }
+    IdempotencyResultBody {
+        status: r.status,
+        headers: r.headers,
+        body: r.body,
+    }
 }
 
 fn in_progress(key: &str, holder: String, expires_at_ms: u64) -> ApiError {
@@ -81,7 +89,11 @@ pub async fn begin(
     };
     let outcome = state
         .engine
-        .call_waiting(wait_ms, |request_id, reply| Command::IdemBegin { begin, request_id, reply })
+        .call_waiting(wait_ms, |request_id, reply| Command::IdemBegin {
+            begin,
+            request_id,
+            reply,
+        })
         .await?;
     match outcome {
         IdempotencyOutcome::Started(lease) => Ok((
@@ -96,7 +108,10 @@ pub async fn begin(
             }),
         )
             .into_response()),
-        IdempotencyOutcome::InProgress { holder, expires_at_ms } => Err(in_progress(&key, holder, expires_at_ms)),
+        IdempotencyOutcome::InProgress {
+            holder,
+            expires_at_ms,
+        } => Err(in_progress(&key, holder, expires_at_ms)),
         IdempotencyOutcome::Completed(result) => {
             let mut response = Json(IdempotencyResponse {
                 key,
@@ -107,7 +122,9 @@ pub async fn begin(
                 result: Some(result_body(result)),
             })
             .into_response();
-            response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+            response
+                .headers_mut()
+                .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
             Ok(response)
         }
         IdempotencyOutcome::FingerprintMismatch => Err(ApiError::new(
@@ -115,7 +132,9 @@ pub async fn begin(
             format!("idempotency key {key:?} was used with a different request (fingerprint)"),
         )
         .with_key(&key)),
-        IdempotencyOutcome::Queued(_) => Err(ApiError::internal("queued outcome reached the handler")),
+        IdempotencyOutcome::Queued(_) => {
+            Err(ApiError::internal("queued outcome reached the handler"))
+        }
     }
 }
 
@@ -143,7 +162,10 @@ pub async fn complete(
     if body.result.body.len() > IDEMPOTENCY_RESULT_BODY_BYTES_MAX {
         let mut e = ApiError::new(
             ErrorCode::PayloadTooLarge,
-            format!("result.body is {} bytes; at most {IDEMPOTENCY_RESULT_BODY_BYTES_MAX}", body.result.body.len()),
+            format!(
+                "result.body is {} bytes; at most {IDEMPOTENCY_RESULT_BODY_BYTES_MAX}",
+                body.result.body.len()
+            ),
         );
         e.body.field = Some("result.body".to_owned());
         return Err(e);
@@ -157,7 +179,13 @@ pub async fn complete(
     let k = key.clone();
     let record = state
         .engine
-        .call(|reply| Command::IdemComplete { key: k, lease_id, result, owner_check, reply })
+        .call(|reply| Command::IdemComplete {
+            key: k,
+            lease_id,
+            result,
+            owner_check,
+            reply,
+        })
         .await?;
     let result = match record.state {
         IdempotencyState::Completed(r) => Some(result_body(r)),
@@ -191,12 +219,18 @@ pub async fn abort(
 ) -> Result<StatusCode, ApiError> {
     principal.check_write()?;
     principal.check_keys([key.as_str()])?;
-    let body = body.ok_or_else(|| ApiError::invalid("lease_id", "abort needs {\"lease_id\": ...}"))?;
+    let body =
+        body.ok_or_else(|| ApiError::invalid("lease_id", "abort needs {\"lease_id\": ...}"))?;
     let lease_id = parse_lease_id(&body.lease_id)?;
     let owner_check = principal.owner_filter();
     state
         .engine
-        .call(|reply| Command::IdemAbort { key, lease_id, owner_check, reply })
+        .call(|reply| Command::IdemAbort {
+            key,
+            lease_id,
+            owner_check,
+            reply,
+        })
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -218,7 +252,10 @@ pub async fn read(
 ) -> Result<Json<IdempotencyResponse>, ApiError> {
     principal.check_keys([key.as_str()])?;
     let k = key.clone();
-    let found = state.engine.call(|reply| Command::IdemGet { key: k, reply }).await?;
+    let found = state
+        .engine
+        .call(|reply| Command::IdemGet { key: k, reply })
+        .await?;
     let Some((record, lease)) = found else {
         return Err(ApiError::new(
             ErrorCode::IdempotencyNotFound,
@@ -237,7 +274,9 @@ pub async fn read(
         },
         IdempotencyState::InProgress { lease_id } => {
             let visible = principal.is_admin()
-                || lease.as_ref().is_some_and(|l| l.owner.is_some() && l.owner == principal.name);
+                || lease
+                    .as_ref()
+                    .is_some_and(|l| l.owner.is_some() && l.owner == principal.name);
             IdempotencyResponse {
                 key,
                 state: IdempotencyStateName::InProgress,

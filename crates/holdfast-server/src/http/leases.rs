@@ -12,7 +12,11 @@ use crate::convert::{lease_response, lock_spec};
 use crate::error::ApiError;
 
 fn specs(locks: &[holdfast_api::LockRequest]) -> Result<Vec<LockSpec>, ApiError> {
-    locks.iter().enumerate().map(|(i, l)| lock_spec(l, i)).collect()
+    locks
+        .iter()
+        .enumerate()
+        .map(|(i, l)| lock_spec(l, i))
+        .collect()
 }
 
 /// Compact JSON text of the metadata object (the engine checks its size).
@@ -63,7 +67,10 @@ pub async fn create_lease(
             reply,
         })
         .await?;
-    Ok(Json(lease_response(&grant.lease, state.engine.clock.now_ms())))
+    Ok(Json(lease_response(
+        &grant.lease,
+        state.engine.clock.now_ms(),
+    )))
 }
 
 /// Read a lease (its creator or an admin; anyone else gets `404 lease_not_found`).
@@ -84,7 +91,11 @@ pub async fn get_lease(
     let owner_check = principal.owner_filter();
     let lease = state
         .engine
-        .call(|reply| Command::GetLease { lease_id, owner_check, reply })
+        .call(|reply| Command::GetLease {
+            lease_id,
+            owner_check,
+            reply,
+        })
         .await?;
     Ok(Json(lease_response(&lease, state.engine.clock.now_ms())))
 }
@@ -130,7 +141,10 @@ pub async fn add_locks(
             reply,
         })
         .await?;
-    Ok(Json(lease_response(&grant.lease, state.engine.clock.now_ms())))
+    Ok(Json(lease_response(
+        &grant.lease,
+        state.engine.clock.now_ms(),
+    )))
 }
 
 /// Renew a lease and all its locks to `now + ttl_ms` (default: its current TTL). An empty body
@@ -156,7 +170,12 @@ pub async fn renew(
     let ttl_ms = body.ttl_ms;
     let lease = state
         .engine
-        .call(|reply| Command::Renew { lease_id, ttl_ms, owner_check, reply })
+        .call(|reply| Command::Renew {
+            lease_id,
+            ttl_ms,
+            owner_check,
+            reply,
+        })
         .await?;
     Ok(Json(lease_response(&lease, state.engine.clock.now_ms())))
 }
@@ -180,7 +199,11 @@ pub async fn release_lease(
     let owner_check = principal.owner_filter();
     let lease = state
         .engine
-        .call(|reply| Command::ReleaseLease { lease_id, owner_check, reply })
+        .call(|reply| Command::ReleaseLease {
+            lease_id,
+            owner_check,
+            reply,
+        })
         .await?;
     Ok(Json(lease_response(&lease, state.engine.clock.now_ms())))
 }
@@ -209,7 +232,12 @@ pub async fn release_lock(
     let owner_check = principal.owner_filter();
     let lease = state
         .engine
-        .call(|reply| Command::ReleaseLock { lease_id, key, owner_check, reply })
+        .call(|reply| Command::ReleaseLock {
+            lease_id,
+            key,
+            owner_check,
+            reply,
+        })
         .await?;
     Ok(Json(lease_response(&lease, state.engine.clock.now_ms())))
 }

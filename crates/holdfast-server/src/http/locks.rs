@@ -33,10 +33,17 @@ pub async fn list_locks(
     principal: Principal,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<LockList>, ApiError> {
-    let filter = LockFilter { prefix: q.prefix, holder: q.holder };
+    let filter = LockFilter {
+        prefix: q.prefix,
+        holder: q.holder,
+    };
     let locks = state
         .engine
-        .call(|reply| Command::ListLocks { filter, viewer: principal, reply })
+        .call(|reply| Command::ListLocks {
+            filter,
+            viewer: principal,
+            reply,
+        })
         .await?;
     Ok(Json(LockList { locks }))
 }
@@ -57,7 +64,11 @@ pub async fn get_lock(
     let k = key.clone();
     let info = state
         .engine
-        .call(|reply| Command::LockInfo { key: k, viewer: principal, reply })
+        .call(|reply| Command::LockInfo {
+            key: k,
+            viewer: principal,
+            reply,
+        })
         .await?;
     Ok(Json(info.unwrap_or(LockState {
         key,

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use axum::Router;
-use axum::handler::Handler as _;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::handler::Handler as _;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::middleware::{self, Next};
@@ -56,7 +56,10 @@ pub type Shared = State<Arc<AppState>>;
 impl FromRequestParts<Arc<AppState>> for Principal {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
         state.auth.authenticate(&parts.headers)
     }
 }
@@ -70,7 +73,10 @@ pub struct OptionalJson<T>(pub T);
 
 fn body_rejection(r: &axum::extract::rejection::BytesRejection) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(ErrorCode::PayloadTooLarge, "request body is larger than the limit of this route")
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            "request body is larger than the limit of this route",
+        )
     } else {
         ApiError::invalid("", format!("cannot read request body: {}", r.body_text()))
     }
@@ -83,11 +89,15 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let inner = e.inner().to_string();
         // serde names missing/unknown fields only in the message: `missing field `holder``.
         let named = ["missing field `", "unknown field `"].iter().find_map(|p| {
-            inner.strip_prefix(p).and_then(|rest| rest.split('`').next()).map(str::to_owned)
+            inner
+                .strip_prefix(p)
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_owned)
         });
         let field = match (path.as_str(), named) {
             (".", Some(n)) => n,
             (".", None) => String::new(),
+            (p, Some(n)) if p == n || p.ends_with(&format!(".{n}")) => p.to_owned(),
             (p, Some(n)) => format!("{p}.{n}"),
             (p, None) => p.to_owned(),
         };
@@ -98,7 +108,8 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         };
         ApiError::invalid(field, message)
     })?;
-    de.end().map_err(|e| ApiError::invalid("", format!("invalid JSON body: {e}")))?;
+    de.end()
+        .map_err(|e| ApiError::invalid("", format!("invalid JSON body: {e}")))?;
     Ok(value)
 }
 
@@ -106,7 +117,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| body_rejection(&r))?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|r| body_rejection(&r))?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::invalid("", "a JSON body is required"));
         }
@@ -118,7 +131,9 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| body_rejection(&r))?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|r| body_rejection(&r))?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
@@ -176,7 +191,9 @@ struct RouteLabel(String);
 async fn tag_route(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
     let mut response = next.run(req).await;
     if let Some(m) = matched {
-        response.extensions_mut().insert(RouteLabel(m.as_str().to_owned()));
+        response
+            .extensions_mut()
+            .insert(RouteLabel(m.as_str().to_owned()));
     }
     response
 }
@@ -197,14 +214,22 @@ async fn observe(req: Request, next: Next) -> Response {
 async fn not_found(req: Request) -> ApiError {
     ApiError::new(
         ErrorCode::NotFound,
-        format!("no route {} {} (see /v1/openapi.json)", req.method(), req.uri().path()),
+        format!(
+            "no route {} {} (see /v1/openapi.json)",
+            req.method(),
+            req.uri().path()
+        ),
     )
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
     ApiError::new(
         ErrorCode::MethodNotAllowed,
-        format!("method {} is not allowed on {} (see /v1/openapi.json)", req.method(), req.uri().path()),
+        format!(
+            "method {} is not allowed on {} (see /v1/openapi.json)",
+            req.method(),
+            req.uri().path()
+        ),
     )
 }
 
@@ -228,17 +253,28 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(leases::get_lease).delete(leases::release_lease),
         )
         .route("/v1/leases/{id}/locks", post(leases::add_locks))
-        .route("/v1/leases/{id}/locks/{*key}", axum::routing::delete(leases::release_lock))
+        .route(
+            "/v1/leases/{id}/locks/{*key}",
+            axum::routing::delete(leases::release_lock),
+        )
         .route("/v1/leases/{id}/renew", post(leases::renew))
         .route("/v1/locks", get(locks::list_locks))
         .route("/v1/locks/{*key}", get(locks::get_lock))
-        .route("/v1/admin/locks/{*key_and_action}", post(admin::force_release_lock))
-        .route("/v1/admin/leases/{id}/release", post(admin::force_release_lease))
+        .route(
+            "/v1/admin/locks/{*key_and_action}",
+            post(admin::force_release_lock),
+        )
+        .route(
+            "/v1/admin/leases/{id}/release",
+            post(admin::force_release_lease),
+        )
         .route(
             "/v1/idempotency/{*key}",
             get(idempotency::read)
                 .post(idempotency::begin)
-                .put(idempotency::complete.layer(DefaultBodyLimit::max(IDEMPOTENCY_BODY_BYTES_MAX.max(body_max))))
+                .put(idempotency::complete.layer(DefaultBodyLimit::max(
+                    IDEMPOTENCY_BODY_BYTES_MAX.max(body_max),
+                )))
                 .delete(idempotency::abort),
         )
         .route("/v1/fencing/check", post(fencing::check))
@@ -246,6 +282,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/stats", get(ops::stats))
         .route("/v1/openapi.json", get(openapi::document))
         .route("/metrics", get(ops::metrics))
+        .route("/", get(ops::dashboard))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .method_not_allowed_fallback(method_not_allowed)
@@ -257,5 +294,3 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
-
-

@@ -18,7 +18,11 @@ impl Modify for Extras {
             "holdfast lock service API. Every error is JSON `{error, message, ...details}` with a stable code:\n\n| error | HTTP status |\n|---|---|\n",
         );
         for code in ErrorCode::ALL {
-            table.push_str(&format!("| `{}` | {} |\n", code.as_str(), code.http_status()));
+            table.push_str(&format!(
+                "| `{}` | {} |\n",
+                code.as_str(),
+                code.http_status()
+            ));
         }
         table.push_str(
             "\nAuth: `Authorization: Bearer <token>` (roles admin, client, reader; key prefixes per token). \
@@ -60,6 +64,7 @@ impl Modify for Extras {
         ops::stats,
         ops::metrics,
         ops::healthz,
+        ops::dashboard,
         ops::readyz,
         document,
     ),

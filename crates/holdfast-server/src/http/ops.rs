@@ -19,7 +19,11 @@ use crate::error::ApiError;
     responses((status = 200, body = StatsResponse), (status = 401, body = ErrorBody))
 )]
 pub async fn stats(state: Shared, _principal: Principal) -> Result<Json<StatsResponse>, ApiError> {
-    state.engine.call(|reply| Command::Stats { reply }).await.map(Json)
+    state
+        .engine
+        .call(|reply| Command::Stats { reply })
+        .await
+        .map(Json)
 }
 
 /// Prometheus text format.
@@ -30,7 +34,10 @@ pub async fn stats(state: Shared, _principal: Principal) -> Result<Json<StatsRes
 pub async fn metrics() -> impl IntoResponse {
     let handle = crate::metrics::prometheus();
     handle.run_upkeep();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
 }
 
 /// Liveness: the process answers.
@@ -52,12 +59,25 @@ pub async fn healthz() -> Json<serde_json::Value> {
 )]
 pub async fn readyz(state: Shared) -> Result<Json<serde_json::Value>, ApiError> {
     if state.engine.failed.load(Ordering::SeqCst) {
-        return Err(ApiError::overloaded("the store failed; the server is stopping"));
+        return Err(ApiError::overloaded(
+            "the store failed; the server is stopping",
+        ));
     }
     if !state.ready.load(Ordering::SeqCst) {
-        return Err(ApiError::overloaded("the server is starting or shutting down"));
+        return Err(ApiError::overloaded(
+            "the server is starting or shutting down",
+        ));
     }
     // The engine host answers (not stuck).
     state.engine.call(|reply| Command::Stats { reply }).await?;
     Ok(Json(serde_json::json!({"status": "ready"})))
+}
+
+/// The dashboard page (static HTML calling this API; a token can be entered in the page).
+#[utoipa::path(
+    get, path = "/", tag = "ops",
+    responses((status = 200, description = "HTML dashboard", body = String, content_type = "text/html"))
+)]
+pub async fn dashboard() -> impl IntoResponse {
+    axum::response::Html(include_str!("../../assets/dashboard.html"))
 }

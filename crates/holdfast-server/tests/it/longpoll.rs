@@ -1,0 +1,132 @@
+//! Long-poll waits: granted on release, timeouts, and disconnects that leave no ghost waiter
+//! and no leaked grant.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::common::TestServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiter_is_granted_when_holder_releases() {
+    let s = TestServer::memory().await;
+    let a = s.acquire("alice", &["lp/k"]).await;
+    let c = s.handle();
+    let waiter = tokio::spawn(async move {
+        c.post(
+            "/v1/leases",
+            json!({"holder": "bob", "wait_ms": 30_000, "locks": [{"key": "lp/k"}]}),
+        )
+        .await
+    });
+    s.wait_for_waiters("lp/k", 1).await;
+    let (_, info) = s.get("/v1/locks/lp/k").await;
+    assert_eq!(info["waiters"][0]["holder"], "bob");
+    let id = a["lease_id"].as_str().unwrap();
+    s.delete(&format!("/v1/leases/{id}")).await;
+    let (st, granted) = waiter.await.unwrap();
+    assert_eq!(st, StatusCode::OK, "{granted}");
+    assert_eq!(granted["holder"], "bob");
+    assert!(
+        granted["locks"][0]["fencing_token"].as_u64() > a["locks"][0]["fencing_token"].as_u64()
+    );
+    s.shutdown().await;
+}
+
+async fn wait_until_free(s: &TestServer, key: &str) {
+    for _ in 0..2_000 {
+        if s.waiters(key).await == 0 && s.holders(key).await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, info) = s.get(&format!("/v1/locks/{key}")).await;
+    panic!("key {key} not free: {info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnected_waiter_leaves_the_queue() {
+    let s = TestServer::memory().await;
+    let a = s.acquire("alice", &["lp/ghost"]).await;
+    let c = s.handle();
+    let waiter = tokio::spawn(async move {
+        c.post(
+            "/v1/leases",
+            json!({"holder": "ghost", "wait_ms": 60_000, "locks": [{"key": "lp/ghost"}]}),
+        )
+        .await
+    });
+    s.wait_for_waiters("lp/ghost", 1).await;
+    waiter.abort();
+    let _ = waiter.await;
+    s.wait_for_waiters("lp/ghost", 0).await;
+    let id = a["lease_id"].as_str().unwrap();
+    s.delete(&format!("/v1/leases/{id}")).await;
+    // No grant was leaked to the ghost.
+    wait_until_free(&s, "lp/ghost").await;
+    let (_, list) = s.get("/v1/locks").await;
+    assert!(list["locks"].as_array().unwrap().is_empty(), "{list}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_racing_a_disconnect_is_never_leaked() {
+    let s = TestServer::memory().await;
+    for round in 0..20 {
+        let key = format!("lp/race/{round}");
+        let a = s.acquire("alice", &[&key]).await;
+        let c = s.handle();
+        let k2 = key.clone();
+        let waiter = tokio::spawn(async move {
+            c.post(
+                "/v1/leases",
+                json!({"holder": "racer", "wait_ms": 60_000, "locks": [{"key": k2}]}),
+            )
+            .await
+        });
+        s.wait_for_waiters(&key, 1).await;
+        // Release and disconnect at (nearly) the same time: either the cancel wins (no grant)
+        // or the grant is undeliverable and undone.
+        let id = a["lease_id"].as_str().unwrap().to_owned();
+        let c = s.handle();
+        let release = tokio::spawn(async move { c.delete(&format!("/v1/leases/{id}")).await });
+        waiter.abort();
+        let (st, _) = release.await.unwrap();
+        assert_eq!(st, StatusCode::OK);
+        match waiter.await {
+            Ok((StatusCode::OK, granted)) => {
+                // The grant was delivered before the abort: release it.
+                let gid = granted["lease_id"].as_str().unwrap();
+                s.delete(&format!("/v1/leases/{gid}")).await;
+            }
+            Ok(other) => panic!("unexpected answer {other:?}"),
+            Err(_) => {}
+        }
+        wait_until_free(&s, &key).await;
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_queued_waiters() {
+    let s = TestServer::memory().await;
+    s.acquire("alice", &["lp/sd"]).await;
+    let c = s.handle();
+    let waiter = tokio::spawn(async move {
+        let resp = c
+            .client
+            .post(c.url("/v1/leases"))
+            .json(&json!({"holder": "bob", "wait_ms": 60_000, "locks": [{"key": "lp/sd"}]}))
+            .send()
+            .await;
+        resp.map(|r| r.status())
+    });
+    s.wait_for_waiters("lp/sd", 1).await;
+    s.shutdown().await;
+    // The waiter got an answer (503 overloaded) or its connection closed; it did not hang.
+    match waiter.await.unwrap() {
+        Ok(status) => assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE),
+        Err(e) => assert!(!e.is_timeout(), "{e}"),
+    }
+}
