@@ -496,20 +496,19 @@ impl Host {
             if !self.commit_and_deliver(now, deliveries) {
                 return;
             }
-            if let Some(store) = &mut self.store {
-                if store
+            if let Some(store) = &mut self.store
+                && store
                     .unsynced_since()
                     .is_some_and(|t| t.elapsed() >= self.async_flush)
-                {
-                    match store.flush() {
-                        Ok(_) => {
-                            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-                            metrics::counter!(m::FSYNCS).increment(1);
-                        }
-                        Err(e) => {
-                            self.store_failed(&e.to_string());
-                            return;
-                        }
+            {
+                match store.flush() {
+                    Ok(_) => {
+                        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(m::FSYNCS).increment(1);
+                    }
+                    Err(e) => {
+                        self.store_failed(&e.to_string());
+                        return;
                     }
                 }
             }
@@ -822,13 +821,13 @@ impl Host {
                 out.push(other(reply, Ok(r)));
             }
             Command::Cancel { request_id } => {
-                if let Some(waiter) = self.by_request.remove(&request_id) {
-                    if self.engine.cancel_wait(now, waiter) {
-                        self.pending.remove(&waiter);
-                    }
-                    // Otherwise an answer is already on its way; its delivery will fail and
-                    // be undone.
+                if let Some(waiter) = self.by_request.remove(&request_id)
+                    && self.engine.cancel_wait(now, waiter)
+                {
+                    self.pending.remove(&waiter);
                 }
+                // If cancel_wait found nothing, an answer is already on its way; its delivery
+                // will fail and be undone.
             }
             Command::Shutdown => {}
         }
@@ -873,12 +872,12 @@ impl Host {
                     }
                 }
                 None => {
-                    if let Some(Some(o)) = self.owners.remove(id) {
-                        if let Some(n) = self.owner_counts.get_mut(&o) {
-                            *n = n.saturating_sub(1);
-                            if *n == 0 {
-                                self.owner_counts.remove(&o);
-                            }
+                    if let Some(Some(o)) = self.owners.remove(id)
+                        && let Some(n) = self.owner_counts.get_mut(&o)
+                    {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            self.owner_counts.remove(&o);
                         }
                     }
                 }
@@ -1015,10 +1014,10 @@ impl Host {
         let now = self.clock.now_ms();
         self.fail_pending(now);
         let _ = self.commit_and_deliver(now, Vec::new());
-        if let Some(store) = &mut self.store {
-            if let Err(e) = store.flush() {
-                tracing::error!(error = %e, "final flush failed");
-            }
+        if let Some(store) = &mut self.store
+            && let Err(e) = store.flush()
+        {
+            tracing::error!(error = %e, "final flush failed");
         }
         tracing::info!("engine host stopped");
     }

@@ -133,10 +133,10 @@ impl Authenticator {
             .iter()
             .map(|t| {
                 let mut digest = [0u8; 32];
-                if let Ok(bytes) = hex::decode(&t.sha256) {
-                    if bytes.len() == 32 {
-                        digest.copy_from_slice(&bytes);
-                    }
+                if let Ok(bytes) = hex::decode(&t.sha256)
+                    && bytes.len() == 32
+                {
+                    digest.copy_from_slice(&bytes);
                 }
                 (t.clone(), digest)
             })

@@ -15,18 +15,18 @@ pub const OVERLOADED_RETRY_AFTER_S: u64 = 1;
 /// An error answer.
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    /// The body (its `error` decides the status).
-    pub body: ErrorBody,
+    /// The body (its `error` decides the status). Boxed: errors travel in `Result`s.
+    pub body: Box<ErrorBody>,
     /// Extra JSON members merged into the body (e.g. the idempotency `in_progress` answer
     /// also carries the `IdempotencyResponse` fields).
-    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+    pub extra: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl ApiError {
     /// Code and message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            body: ErrorBody::new(code, message),
+            body: Box::new(ErrorBody::new(code, message)),
             extra: None,
         }
     }
@@ -140,16 +140,16 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let mut value = serde_json::to_value(&self.body).unwrap_or_else(|_| serde_json::json!({}));
         if let (Some(extra), Some(obj)) = (self.extra, value.as_object_mut()) {
-            for (k, v) in extra {
+            for (k, v) in *extra {
                 obj.entry(k).or_insert(v);
             }
         }
         let mut response = (status, axum::Json(value)).into_response();
         let headers = response.headers_mut();
-        if let Some(s) = self.body.retry_after_s {
-            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
-                headers.insert(header::RETRY_AFTER, v);
-            }
+        if let Some(s) = self.body.retry_after_s
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            headers.insert(header::RETRY_AFTER, v);
         }
         if self.body.error == ErrorCode::Unauthorized {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -48,7 +48,7 @@ fn in_progress(key: &str, holder: String, expires_at_ms: u64) -> ApiError {
         "holder": holder,
         "expires_at_ms": expires_at_ms,
     });
-    e.extra = extra.as_object().cloned();
+    e.extra = extra.as_object().cloned().map(Box::new);
     e
 }
 

@@ -165,6 +165,6 @@ async fn group_commit_shares_fsyncs() {
     let fsyncs = counters.fsyncs.load(std::sync::atomic::Ordering::Relaxed);
     // Behaviour, not timing: every change was committed durably (at most one fsync per
     // request, plus the startup commit).
-    assert!(fsyncs >= 1 && fsyncs <= 640 + 1, "fsyncs {fsyncs}");
+    assert!((1..=640 + 1).contains(&fsyncs), "fsyncs {fsyncs}");
     s.shutdown().await;
 }

@@ -88,10 +88,10 @@ fn mutate(mut v: Value, path_choice: usize, action: u8, replacement: Value) -> V
                         return true;
                     }
                     *choice -= 1;
-                    if let Some(child) = map.get_mut(&k) {
-                        if walk(child, choice, action, replacement) {
-                            return true;
-                        }
+                    if let Some(child) = map.get_mut(&k)
+                        && walk(child, choice, action, replacement)
+                    {
+                        return true;
                     }
                 }
                 false
