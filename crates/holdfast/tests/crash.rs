@@ -14,7 +14,9 @@
 //! - an acknowledged idempotency result survives a SIGKILL.
 //!
 //! The schedule is random; the seed is printed so a failure can be replayed with
-//! `HOLDFAST_CRASH_SEED=<seed>`.
+//! `HOLDFAST_CRASH_SEED=<seed>`. The checker is itself checked: with
+//! `HOLDFAST_CRASH_DURABILITY=memory` (the server forgets everything on restart) this test
+//! reports lost grants and reused fencing tokens and fails.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -42,9 +44,14 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn start(data_dir: &Path, port: u16, log: &Path) -> anyhow::Result<Self> {
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-            .args(["serve", "--durability", "sync", "--listen"])
+            .args(["serve", "--durability"])
+            .arg(std::env::var("HOLDFAST_CRASH_DURABILITY").unwrap_or_else(|_| "sync".into()))
+            .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(data_dir)
@@ -52,7 +59,10 @@ impl ServerProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
             .spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
@@ -233,7 +243,9 @@ async fn client_loop(shared: Arc<Shared>, client: usize, seed: u64) {
             }
         }
         for held in &lease.locks {
-            shared.checker.begin_belief(client, &held.key, held.fencing_token);
+            shared
+                .checker
+                .begin_belief(client, &held.key, held.fencing_token);
             shared
                 .checker
                 .max_acked_token
@@ -249,7 +261,10 @@ async fn client_loop(shared: Arc<Shared>, client: usize, seed: u64) {
                 match call::<LeaseResponse>(
                     shared
                         .http
-                        .post(format!("{}/v1/leases/{}/renew", shared.base, lease.lease_id))
+                        .post(format!(
+                            "{}/v1/leases/{}/renew",
+                            shared.base, lease.lease_id
+                        ))
                         .json(&serde_json::json!({ "ttl_ms": LEASE_TTL_MS })),
                 )
                 .await
@@ -364,7 +379,13 @@ fn sigkill_restart_history_is_safe() -> anyhow::Result<()> {
     });
 
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| runtime.spawn(client_loop(shared.clone(), i, seed.wrapping_add(i as u64 + 1))))
+        .map(|i| {
+            runtime.spawn(client_loop(
+                shared.clone(),
+                i,
+                seed.wrapping_add(i as u64 + 1),
+            ))
+        })
         .collect();
 
     for kill in 0..KILLS {
@@ -373,10 +394,15 @@ fn sigkill_restart_history_is_safe() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(rng.random_range(400..1_200)));
         // Make sure some grants happened in this epoch so the kill lands on live traffic.
         let wait_until = Instant::now() + Duration::from_secs(20);
-        while shared.checker.grants.load(Ordering::SeqCst) < before + 5 && Instant::now() < wait_until {
+        while shared.checker.grants.load(Ordering::SeqCst) < before + 5
+            && Instant::now() < wait_until
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
-        eprintln!("kill {kill}: SIGKILL after {} grants", shared.checker.grants.load(Ordering::SeqCst));
+        eprintln!(
+            "kill {kill}: SIGKILL after {} grants",
+            shared.checker.grants.load(Ordering::SeqCst)
+        );
         server.kill9();
         std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
         server = ServerProcess::start(&data_dir, port, &log)?;
@@ -400,9 +426,10 @@ fn sigkill_restart_history_is_safe() -> anyhow::Result<()> {
                 .await
                 .expect("server answers");
             if resp.status().as_u16() != 404 {
-                shared
-                    .checker
-                    .violation(format!("released lease {lease_id} is back: {}", resp.status()));
+                shared.checker.violation(format!(
+                    "released lease {lease_id} is back: {}",
+                    resp.status()
+                ));
             }
         }
     });
@@ -440,7 +467,11 @@ fn sigkill_restart_history_is_safe() -> anyhow::Result<()> {
             .send()
             .await
             .expect("replay");
-        assert_eq!(resp.status().as_u16(), 200, "completed record replayed after SIGKILL");
+        assert_eq!(
+            resp.status().as_u16(),
+            200,
+            "completed record replayed after SIGKILL"
+        );
         let body: serde_json::Value = resp.json().await.expect("replay body");
         assert_eq!(body["state"], "completed");
         assert_eq!(body["result"]["body"], "booked");
@@ -450,11 +481,20 @@ fn sigkill_restart_history_is_safe() -> anyhow::Result<()> {
     let grants = shared.checker.grants.load(Ordering::SeqCst);
     let releases = shared.checker.releases.load(Ordering::SeqCst);
     let renewals = shared.checker.renewals.load(Ordering::SeqCst);
-    eprintln!("history: {grants} grants, {releases} acknowledged releases, {renewals} renewals, {KILLS} kills");
+    eprintln!(
+        "history: {grants} grants, {releases} acknowledged releases, {renewals} renewals, {KILLS} kills"
+    );
     let violations = shared.checker.violations.lock().unwrap().clone();
-    assert!(violations.is_empty(), "seed {seed}: {} violations: {violations:#?}", violations.len());
+    assert!(
+        violations.is_empty(),
+        "seed {seed}: {} violations: {violations:#?}",
+        violations.len()
+    );
     // The history must have exercised the system, or the checks prove nothing.
-    assert!(grants >= 20 * KILLS as u64, "too few grants ({grants}) to judge the history");
+    assert!(
+        grants >= 20 * KILLS as u64,
+        "too few grants ({grants}) to judge the history"
+    );
     assert!(releases > 0 && renewals > 0);
     Ok(())
 }
