@@ -83,6 +83,12 @@ pub trait LockConn: Send + 'static {
         key: &str,
         token: Self::Token,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Forgets a grant without releasing it and without anything releasing it later (W4
+    /// kills the server under its grants). By default the token is simply dropped.
+    fn abandon(token: Self::Token) {
+        drop(token);
+    }
 }
 
 /// A random owner token (128 bits, hex), unique per grant.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use holdfast_bench::report::Workload;
-use holdfast_bench::run::{Config, HoldfastTarget, SystemId};
+use holdfast_bench::run::{Config, HoldfastTarget, HoldfastTransport, SystemId};
 use holdfast_bench::workload::Timing;
 
 /// Side-by-side benchmark of holdfast against Redis, PostgreSQL advisory locks, MariaDB
@@ -89,6 +89,10 @@ struct Args {
     /// used where no flag or environment variable is given.
     #[arg(long, default_value = "/tmp/holdfast-bench-peers/peers.env")]
     peers_env: PathBuf,
+    /// How to drive holdfast: `client` (holdfast-client, as applications do) or `http` (bare
+    /// requests, to see what the client itself costs).
+    #[arg(long, value_enum, default_value = "client")]
+    holdfast_transport: HoldfastTransport,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -170,21 +174,12 @@ async fn smoke(args: Args) -> anyhow::Result<std::process::ExitCode> {
     let report = if let Some(url) = &args.holdfast_url {
         holdfast_bench::smoke::smoke(url).await?
     } else {
-        let bin = args
-            .holdfast_bin
-            .clone()
-            .unwrap_or_else(holdfast_bench::server_process::default_holdfast_bin);
-        let dir = tempfile::tempdir().context("temp dir")?;
-        let spec = holdfast_bench::server_process::ServerSpec {
-            bin,
-            durability: "memory".to_owned(),
-            data_dir: dir.path().join("data"),
-            log: dir.path().join("server.log"),
-            extra_args: Vec::new(),
-        };
-        let mut server = holdfast_bench::server_process::ServerProcess::start(&spec)?;
-        let report = holdfast_bench::smoke::smoke(&server.base_url).await;
-        server.stop(Duration::from_secs(5));
+        // An in-process server in memory mode: the smoke run needs no built `holdfast` binary.
+        let server = holdfast_server::start(holdfast_server::ServerConfig::ephemeral_memory())
+            .await
+            .context("start an in-process holdfast server")?;
+        let report = holdfast_bench::smoke::smoke(&server.base_url()).await;
+        server.shutdown().await;
         report?
     };
     println!("{}", report.to_markdown());
@@ -249,6 +244,7 @@ async fn full(args: Args) -> anyhow::Result<std::process::ExitCode> {
                     .unwrap_or_else(holdfast_bench::server_process::default_holdfast_bin),
             ),
         },
+        holdfast_transport: args.holdfast_transport,
         command,
         notes,
     };

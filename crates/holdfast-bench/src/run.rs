@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::adapter::{Durability, LockSystem};
+use crate::adapter::{Durability, LockConn as _, LockSystem};
 use crate::adapters::mariadb::MariaDbSystem;
 use crate::adapters::postgres::PostgresSystem;
 use crate::adapters::redis::RedisSystem;
@@ -72,6 +72,30 @@ impl SystemId {
     }
 }
 
+/// How the benchmark talks to holdfast.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldfastTransport {
+    /// `holdfast-client` (guards with background renewal): what an application uses.
+    Client,
+    /// Bare HTTP/JSON requests with reqwest (one request per acquire and per release).
+    Http,
+}
+
+impl HoldfastTransport {
+    /// For the report.
+    #[must_use]
+    pub fn describe(self) -> &'static str {
+        match self {
+            HoldfastTransport::Client => "holdfast-client (HTTP/1.1 + JSON)",
+            HoldfastTransport::Http => "bare HTTP/1.1 + JSON requests (reqwest)",
+        }
+    }
+}
+
+/// Builds the holdfast adapter for a server: (table name, base URL, durability).
+type MakeHoldfast<S> = fn(&str, &str, Durability) -> S;
+
 /// Which server the holdfast rows measure.
 #[derive(Clone, Debug)]
 pub enum HoldfastTarget {
@@ -115,6 +139,8 @@ pub struct Config {
     pub etcd_endpoint: String,
     /// holdfast server.
     pub holdfast: HoldfastTarget,
+    /// How holdfast is driven.
+    pub holdfast_transport: HoldfastTransport,
     /// The command line, for the report.
     pub command: String,
     /// Remarks to carry into the report (fallbacks found by the caller).
@@ -446,7 +472,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             cpu_model,
             command: config.command.clone(),
             timing: config.timing,
-            holdfast_transport: crate::adapters::HOLDFAST_TRANSPORT.to_owned(),
+            holdfast_transport: config.holdfast_transport.describe().to_owned(),
             peers,
         },
         rows,
@@ -505,11 +531,11 @@ async fn run_etcd(
     ));
 }
 
-/// Flags every benchmark server gets: limits the workloads need (W3/W4 hold up to a million
-/// anonymous leases), nothing that changes speed.
-fn holdfast_extra_args(config: &Config) -> Vec<String> {
-    let leases = config.w3_locks.max(config.w4_locks) + 10_000;
-    vec!["--leases-per-token-max".to_owned(), leases.to_string()]
+/// Flags every benchmark server gets beyond listen/durability/data dir: none. The defaults are
+/// measured as shipped (`leases_per_token_max` does not apply to a server without tokens, so
+/// W3/W4's anonymous leases need no raised limit).
+fn holdfast_extra_args(_config: &Config) -> Vec<String> {
+    Vec::new()
 }
 
 fn spawn_holdfast(
@@ -533,6 +559,40 @@ fn spawn_holdfast(
 }
 
 async fn run_holdfast(id: SystemId, config: &Config, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
+    use crate::adapters::{
+        holdfast_client::HoldfastClientSystem, holdfast_http::HoldfastHttpSystem,
+    };
+    match config.holdfast_transport {
+        HoldfastTransport::Client => {
+            run_holdfast_with::<HoldfastClientSystem>(
+                id,
+                config,
+                rows,
+                notes,
+                HoldfastClientSystem::new,
+            )
+            .await;
+        }
+        HoldfastTransport::Http => {
+            run_holdfast_with::<HoldfastHttpSystem>(
+                id,
+                config,
+                rows,
+                notes,
+                HoldfastHttpSystem::new,
+            )
+            .await;
+        }
+    }
+}
+
+async fn run_holdfast_with<S: LockSystem>(
+    id: SystemId,
+    config: &Config,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+    make: MakeHoldfast<S>,
+) {
     let Some((mode, durability)) = id.holdfast_mode() else {
         return;
     };
@@ -546,7 +606,7 @@ async fn run_holdfast(id: SystemId, config: &Config, rows: &mut Vec<Row>, notes:
     match &config.holdfast {
         HoldfastTarget::External(url) => {
             notes.push(format!("{name}: measured against the running server at {url} (its durability is whatever it was started with)"));
-            let system = crate::adapters::holdfast_system(name, url, durability);
+            let system = make(name, url, durability);
             let workloads: Vec<Workload> = config
                 .workloads
                 .iter()
@@ -561,8 +621,7 @@ async fn run_holdfast(id: SystemId, config: &Config, rows: &mut Vec<Row>, notes:
             if !w12.is_empty() {
                 match spawn_holdfast(bin, mode, config) {
                     Ok((mut server, _dir)) => {
-                        let system =
-                            crate::adapters::holdfast_system(name, &server.base_url, durability);
+                        let system = make(name, &server.base_url, durability);
                         run_system(&system, Some(server.pid()), config, &w12, rows).await;
                         server.stop(Duration::from_secs(10));
                     }
@@ -578,8 +637,7 @@ async fn run_holdfast(id: SystemId, config: &Config, rows: &mut Vec<Row>, notes:
             if config.workloads.contains(&Workload::W3) {
                 match spawn_holdfast(bin, mode, config) {
                     Ok((mut server, _dir)) => {
-                        let system =
-                            crate::adapters::holdfast_system(name, &server.base_url, durability);
+                        let system = make(name, &server.base_url, durability);
                         run_system(&system, Some(server.pid()), config, &[Workload::W3], rows)
                             .await;
                         server.stop(Duration::from_secs(10));
@@ -599,7 +657,7 @@ async fn run_holdfast(id: SystemId, config: &Config, rows: &mut Vec<Row>, notes:
                     config.w4_locks,
                     config.w4_clients
                 );
-                let outcome = recovery(bin, config).await.map(Metrics::Recovery);
+                let outcome = recovery(bin, config, make).await.map(Metrics::Recovery);
                 report_error(name, &outcome);
                 rows.push(Row {
                     workload: Workload::W4,
@@ -617,18 +675,23 @@ async fn run_holdfast(id: SystemId, config: &Config, rows: &mut Vec<Row>, notes:
 
 /// W4: a sync server holding `w4_locks` leases is killed with SIGKILL and restarted on the same
 /// data; recovery time is spawn → `/readyz` 200.
-async fn recovery(bin: &std::path::Path, config: &Config) -> anyhow::Result<RecoveryResult> {
+async fn recovery<S: LockSystem>(
+    bin: &std::path::Path,
+    config: &Config,
+    make: MakeHoldfast<S>,
+) -> anyhow::Result<RecoveryResult> {
     let (mut server, dir) = spawn_holdfast(bin, "sync", config)?;
-    let system = crate::adapters::holdfast_system(
-        "holdfast-sync",
-        &server.base_url,
-        Durability::GroupCommit,
-    );
+    let system = make("holdfast-sync", &server.base_url, Durability::GroupCommit);
     let (held, took) = acquire_with(&system, config.w4_clients, config.w4_locks).await?;
     let rss_kib_before_kill = mem_sample(server.pid()).map(|sample| sample.rss_kib);
-    // Kill before the guards go away, so that nothing is released.
+    // Kill, then forget the grants without releasing them.
     server.kill9();
-    drop(held);
+    for holder in held {
+        holder
+            .grants
+            .into_iter()
+            .for_each(|(_, token)| S::Conn::abandon(token));
+    }
     let spec = ServerSpec {
         bin: bin.to_path_buf(),
         durability: "sync".to_owned(),

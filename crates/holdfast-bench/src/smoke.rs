@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::report::{Metrics, Row, Workload};
-use crate::run::{Config, HoldfastTarget, SystemId};
+use crate::run::{Config, HoldfastTarget, HoldfastTransport, SystemId};
 use crate::workload::Timing;
 
 /// The configuration of a smoke run against the server at `base_url`.
@@ -30,6 +30,7 @@ pub fn smoke_config(base_url: &str) -> Config {
         mysql_url: String::new(),
         etcd_endpoint: String::new(),
         holdfast: HoldfastTarget::External(base_url.to_owned()),
+        holdfast_transport: HoldfastTransport::Client,
         command: "holdfast-bench --smoke".to_owned(),
         notes: vec!["smoke run: figures are not benchmarks".to_owned()],
     }

@@ -42,6 +42,7 @@ pub(crate) fn http_client() -> anyhow::Result<reqwest::Client> {
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_millis(WAIT_MS_MAX + 10_000))
         .tcp_nodelay(true)
+        .no_proxy()
         .build()
         .context("build reqwest client")
 }
