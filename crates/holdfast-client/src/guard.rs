@@ -270,6 +270,17 @@ impl LockGuard {
         self.context.lost()
     }
 
+    /// Stop renewing WITHOUT releasing: the lease lives until its TTL runs out unless someone
+    /// renews or releases it by id (what `holdfast acquire` does). Returns the lease.
+    #[must_use]
+    pub fn detach(mut self) -> LeaseResponse {
+        self.done = true;
+        if let Some(task) = self.renewal.take() {
+            task.abort();
+        }
+        self.lease.clone()
+    }
+
     /// Stop renewing and release the lock(s).
     ///
     /// # Errors

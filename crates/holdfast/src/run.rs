@@ -1,0 +1,413 @@
+//! `holdfast run`: acquire, run the command while renewing, release, pass its status through.
+//!
+//! - The command is executed directly (no shell), with `HOLDFAST_LEASE_ID`,
+//!   `HOLDFAST_FENCING_TOKEN` (first key) and, for several keys, `HOLDFAST_FENCING_TOKENS`
+//!   (comma-separated, in `--lock` order) in its environment.
+//! - Signals received while waiting for the lock abort the wait: the in-flight request is
+//!   dropped (the server removes the queued request when the connection closes) and `run`
+//!   exits with 128+signal.
+//! - Signals received while the command runs are forwarded to it (SIGINT/SIGQUIT are not
+//!   forwarded when `run` is in the terminal's foreground process group: the terminal already
+//!   sent them to the command, which shares the group). `run` exits only after the command.
+//! - If the lock is lost, the command gets SIGTERM, then SIGKILL after `--kill-grace`, and
+//!   `run` exits with status 4.
+//! - On Linux the command is started through `holdfast __exec`, which sets a parent-death
+//!   signal: if `run` itself is SIGKILLed, the kernel kills the command too, and the lease
+//!   expires after its TTL. Elsewhere the command would keep running until its own end.
+
+use std::ffi::OsString;
+use std::io::{IsTerminal as _, Write as _};
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Local;
+use holdfast_client::{Client, ClientError, Health, LockBuilder, LockGuard, Progress};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Instant;
+
+use crate::duration::{human, parse_duration};
+use crate::output::{Output, describe, holders_text};
+use crate::{LockArgs, commands, exit};
+
+/// Extra help of `holdfast run`.
+pub const RUN_HELP: &str = "\
+Examples (seed 000, the code importer):
+  holdfast run --lock vocab_import/RXNORM -- php import.php rxnorm.zip
+      10 attempts, 30s doubling with full jitter (cap 5m); fails with exit 3 naming the holder
+  holdfast run --lock vocab_import/RXNORM --no-wait -- php import.php rxnorm.zip
+      no-wait mode (same as --retry-delay 0): fail at once if another import holds the lock
+
+The command gets HOLDFAST_LEASE_ID and HOLDFAST_FENCING_TOKEN (HOLDFAST_FENCING_TOKENS, comma-
+separated in --lock order, for several keys). Exit status: the command's (128+N if killed by
+signal N); 3 not acquired; 4 lock lost (command stopped); 5 server unreachable; 6 denied;
+126/127 command not executable / not found; 128+N when stopped by signal N while waiting.";
+
+/// Arguments of `holdfast run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub lock: LockArgs,
+    /// After a lost lock: time between SIGTERM and SIGKILL of the command.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub kill_grace: Duration,
+    /// The command and its arguments (after `--`), executed directly, without a shell.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// Signals `run` handles: they abort a wait, or are forwarded to the command.
+const HANDLED: [(Signal, fn() -> SignalKind); 6] = [
+    (Signal::SIGTERM, SignalKind::terminate),
+    (Signal::SIGINT, SignalKind::interrupt),
+    (Signal::SIGHUP, SignalKind::hangup),
+    (Signal::SIGQUIT, SignalKind::quit),
+    (Signal::SIGUSR1, SignalKind::user_defined1),
+    (Signal::SIGUSR2, SignalKind::user_defined2),
+];
+
+struct Signals {
+    streams: Vec<(Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        let mut streams = Vec::new();
+        for (sig, kind) in HANDLED {
+            streams.push((sig, signal(kind())?));
+        }
+        Ok(Self { streams })
+    }
+
+    async fn recv(&mut self) -> Signal {
+        let futures = self.streams.iter_mut().map(|(sig, stream)| {
+            let sig = *sig;
+            Box::pin(async move {
+                stream.recv().await;
+                sig
+            })
+        });
+        futures::future::select_all(futures).await.0
+    }
+}
+
+/// Shows the wait: one updating line on a terminal, log lines otherwise (stderr).
+#[derive(Clone)]
+pub struct ProgressReporter {
+    state: Arc<Mutex<Option<(Progress, Instant, String)>>>,
+    tty: bool,
+    drawn: Arc<Mutex<bool>>,
+}
+
+impl ProgressReporter {
+    /// A reporter for stderr.
+    #[must_use]
+    pub fn new(_json: bool) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(None)),
+            tty: std::io::stderr().is_terminal(),
+            drawn: Arc::new(Mutex::new(false)),
+        }
+    }
+
+    /// Report `builder`'s retries here.
+    #[must_use]
+    pub fn attach(&self, builder: LockBuilder) -> LockBuilder {
+        let this = self.clone();
+        builder.on_progress(move |p| {
+            let next_at = Instant::now() + p.next_retry_in;
+            let wall = (Local::now()
+                + chrono::Duration::from_std(p.next_retry_in).unwrap_or_default())
+            .format("%H:%M:%S")
+            .to_string();
+            *this
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some((p.clone(), next_at, wall));
+            if this.tty {
+                this.draw();
+            } else {
+                eprintln!("holdfast: {}", this.line().unwrap_or_default());
+            }
+        })
+    }
+
+    fn line(&self) -> Option<String> {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (p, next_at, wall) = state.as_ref()?;
+        let held = if p.holders.is_empty() {
+            "busy".to_owned()
+        } else {
+            format!("held by {}", holders_text(&p.holders))
+        };
+        Some(format!(
+            "waiting for {}: {held}; attempt {}/{} failed, next attempt at {wall} (in {})",
+            p.key,
+            p.attempt,
+            p.attempts,
+            human(next_at.saturating_duration_since(Instant::now()))
+        ))
+    }
+
+    fn draw(&self) {
+        if let Some(line) = self.line() {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K{line}");
+            let _ = err.flush();
+            *self
+                .drawn
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        }
+    }
+
+    /// Redraw the countdown every second on a terminal; never returns.
+    pub async fn tick(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if self.tty {
+                self.draw();
+            }
+        }
+    }
+
+    /// Clear the progress line.
+    pub fn finish(&self) {
+        let mut drawn = self
+            .drawn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *drawn {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K");
+            let _ = err.flush();
+            *drawn = false;
+        }
+    }
+}
+
+/// Acquire while redrawing the progress line.
+pub async fn acquire_with_progress(
+    builder: LockBuilder,
+    reporter: &ProgressReporter,
+) -> Result<LockGuard, ClientError> {
+    let result = tokio::select! {
+        r = builder.acquire() => r,
+        () = reporter.tick() => unreachable_tick(),
+    };
+    reporter.finish();
+    result
+}
+
+fn unreachable_tick() -> Result<LockGuard, ClientError> {
+    Err(ClientError::Invalid {
+        field: None,
+        message: "progress ticker ended".into(),
+    })
+}
+
+/// The failure message of an acquisition, with seed 000's no-wait wording.
+#[must_use]
+pub fn not_acquired_message(e: &ClientError, args: &LockArgs) -> String {
+    let no_wait = commands::policy(args).is_no_wait() && args.wait.is_zero();
+    match e {
+        ClientError::Held { .. } if no_wait => format!("{} (no-wait mode)", describe(e)),
+        _ => describe(e),
+    }
+}
+
+/// The exit code of a finished command: its code, or 128+signal.
+#[must_use]
+pub fn status_code(status: ExitStatus) -> u8 {
+    if let Some(code) = status.code() {
+        u8::try_from(code & 0xff).unwrap_or(exit::GENERIC)
+    } else if let Some(sig) = status.signal() {
+        exit::signal_code(sig)
+    } else {
+        exit::GENERIC
+    }
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!(
+            "killed by {}",
+            Signal::try_from(s)
+                .map_or_else(|_| format!("signal {s}"), |sig| sig.as_str().to_owned())
+        ),
+        _ => "unknown status".into(),
+    }
+}
+
+/// True when `run` is in the foreground process group of its terminal: then a SIGINT or
+/// SIGQUIT typed at the terminal reached the command directly.
+fn terminal_foreground() -> bool {
+    nix::unistd::tcgetpgrp(std::io::stdin()).is_ok_and(|pg| pg == nix::unistd::getpgrp())
+}
+
+fn spawn_command(args: &RunArgs, guard: &LockGuard) -> std::io::Result<tokio::process::Child> {
+    let mut cmd = match std::env::current_exe() {
+        Ok(exe) if cfg!(target_os = "linux") => {
+            let mut c = tokio::process::Command::new(exe);
+            c.arg("__exec")
+                .arg("--parent-pid")
+                .arg(std::process::id().to_string())
+                .arg("--")
+                .args(&args.command);
+            c
+        }
+        _ => {
+            let (program, rest) = args
+                .command
+                .split_first()
+                .ok_or_else(|| std::io::Error::other("no command"))?;
+            let mut c = tokio::process::Command::new(program);
+            c.args(rest);
+            c
+        }
+    };
+    let lease = guard.lease();
+    cmd.env("HOLDFAST_LEASE_ID", guard.lease_id())
+        .env("HOLDFAST_FENCING_TOKEN", guard.fencing_token().to_string())
+        .kill_on_drop(true);
+    if args.lock.keys.len() > 1 {
+        cmd.env(
+            "HOLDFAST_FENCING_TOKENS",
+            commands::tokens_csv(lease, &args.lock.keys),
+        );
+    }
+    cmd.spawn()
+}
+
+/// `holdfast run`.
+pub async fn run(client: &Client, out: &Output, args: RunArgs) -> u8 {
+    let keys = args.lock.keys.join(", ");
+    let mut signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("holdfast run: cannot install signal handlers: {e}");
+            return exit::GENERIC;
+        }
+    };
+    let reporter = ProgressReporter::new(out.json);
+    let builder = reporter.attach(commands::builder(client, &args.lock));
+    let acquired = tokio::select! {
+        r = acquire_with_progress(builder, &reporter) => r,
+        sig = signals.recv() => {
+            reporter.finish();
+            eprintln!("holdfast run: {} received while waiting for {keys}; gave up waiting", sig.as_str());
+            return exit::signal_code(sig as i32);
+        }
+    };
+    let guard = match acquired {
+        Ok(g) => g,
+        Err(e) => {
+            if out.json {
+                Output::json_line(&crate::output::error_json(&e));
+            }
+            eprintln!("holdfast run: {}", not_acquired_message(&e, &args.lock));
+            return exit::code_of(&e);
+        }
+    };
+    let mut child = match spawn_command(&args, &guard) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "holdfast run: cannot execute {}: {e}",
+                args.command[0].to_string_lossy()
+            );
+            let _ = guard.release().await;
+            return if e.kind() == std::io::ErrorKind::NotFound {
+                exit::NOT_FOUND
+            } else {
+                exit::CANNOT_EXECUTE
+            };
+        }
+    };
+    let Some(pid) = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw)
+    else {
+        let _ = guard.release().await;
+        return exit::GENERIC;
+    };
+    let lost = guard.lost();
+    tokio::pin!(lost);
+    let mut health = guard.context().watch();
+    let mut at_risk_reported = false;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let code = match status {
+                    Ok(s) => status_code(s),
+                    Err(e) => {
+                        eprintln!("holdfast run: cannot wait for the command: {e}");
+                        exit::GENERIC
+                    }
+                };
+                if let Err(e) = guard.release().await {
+                    eprintln!("holdfast run: releasing {keys} after the command ended: {}", describe(&e));
+                }
+                return code;
+            }
+            sig = signals.recv() => {
+                let from_terminal = matches!(sig, Signal::SIGINT | Signal::SIGQUIT) && terminal_foreground();
+                if !from_terminal {
+                    let _ = kill(pid, sig);
+                }
+            }
+            reason = &mut lost => {
+                eprintln!(
+                    "holdfast run: LOST the lock on {keys}: {reason}; stopping the command (SIGTERM, then SIGKILL after {})",
+                    human(args.kill_grace)
+                );
+                let _ = kill(pid, Signal::SIGTERM);
+                let status = match tokio::time::timeout(args.kill_grace, child.wait()).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        eprintln!("holdfast run: the command did not stop within {}; sending SIGKILL", human(args.kill_grace));
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
+                };
+                if let Ok(s) = status {
+                    eprintln!("holdfast run: command stopped ({}); exiting with status {}", describe_status(s), exit::LOST);
+                }
+                // If the server is only unreachable, the lease may still exist: free it if we can.
+                let lease_id = guard.detach().lease_id;
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.release(&lease_id)).await;
+                return exit::LOST;
+            }
+            changed = health.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let status = health.borrow_and_update().clone();
+                match status.health {
+                    Health::AtRisk { last_error, .. } if !at_risk_reported => {
+                        at_risk_reported = true;
+                        let left = status.deadline.saturating_duration_since(Instant::now());
+                        eprintln!(
+                            "holdfast run: renewing the lease failed ({last_error}); the lock is at risk, certainly held for {} more",
+                            human(left)
+                        );
+                    }
+                    Health::Held if at_risk_reported => {
+                        at_risk_reported = false;
+                        eprintln!("holdfast run: lease renewed again; the lock is safe");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
