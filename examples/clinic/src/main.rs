@@ -1,0 +1,2 @@
+//! clinic: the reference application (skeleton).
+fn main() {}
