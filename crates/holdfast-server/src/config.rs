@@ -465,3 +465,98 @@ impl ServerConfig {
         Ok(addr)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_flags_and_defaults_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("holdfast.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+listen = "127.0.0.1:9999"
+durability = "async"
+restart_grace_ms = 5000
+
+[limits]
+waiters_per_key_max = 100
+leases_per_token_max = 7
+
+[[tokens]]
+name = "ops"
+role = "admin"
+sha256 = "{}"
+
+[[tokens]]
+name = "clinic"
+role = "client"
+sha256 = "{}"
+prefixes = ["clinic/"]
+"#,
+                crate::auth::hash_secret("a"),
+                crate::auth::hash_secret("b")
+            ),
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            listen: Some("127.0.0.1:0".into()),
+            ..ServeArgs::default()
+        };
+        let c = ServerConfig::from_args(&args).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:0", "flag beats file");
+        assert_eq!(c.durability, Durability::Async, "file beats default");
+        assert_eq!(c.restart_grace_ms, 5000);
+        assert_eq!(c.async_flush_ms, ASYNC_FLUSH_MS_DEFAULT);
+        assert_eq!(c.data_dir, PathBuf::from(DATA_DIR_DEFAULT));
+        assert_eq!(c.limits.engine.waiters_per_key_max, 100);
+        assert_eq!(c.limits.leases_per_token_max, 7);
+        assert_eq!(c.tokens.len(), 2);
+        assert_eq!(
+            c.tokens[1].prefixes.as_deref(),
+            Some(&["clinic/".to_owned()][..])
+        );
+
+        let defaults = ServerConfig::from_args(&ServeArgs::default()).unwrap();
+        assert_eq!(defaults.listen, "127.0.0.1:7390");
+        assert_eq!(defaults.durability, Durability::Sync);
+    }
+
+    #[test]
+    fn invalid_configs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            "[[tokens]]\nname = \"x\"\nrole = \"admin\"\nsha256 = \"plaintext\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        assert!(
+            ServerConfig::from_args(&args)
+                .unwrap_err()
+                .to_string()
+                .contains("sha256")
+        );
+        let args = ServeArgs {
+            key_bytes_max: Some(100_000),
+            ..ServeArgs::default()
+        };
+        assert!(
+            ServerConfig::from_args(&args).is_err(),
+            "limits may only be lowered"
+        );
+        let c = ServerConfig {
+            listen: "0.0.0.0:0".into(),
+            ..ServerConfig::default()
+        };
+        assert!(matches!(c.listen_addr(), Err(ServeError::InsecureBind(_))));
+    }
+}
