@@ -688,15 +688,9 @@ impl Engine {
         u
     }
 
-    /// Can a request of lease `own` get `spec` at `t`, given the requests queued before
+    /// Can a request of lease `own` get `spec` now, given the requests queued before
     /// `before` (`None`: the whole queue)?
-    fn key_admits(
-        &self,
-        own: Option<&Lease>,
-        spec: &LockSpec,
-        before: Option<WaiterId>,
-        t: TimeMs,
-    ) -> bool {
+    fn key_admits(&self, own: Option<&Lease>, spec: &LockSpec, before: Option<WaiterId>) -> bool {
         let held = own.and_then(|l| l.lock(&spec.key));
         let Some(d) = demand(held, spec.kind) else {
             return true;
@@ -704,7 +698,7 @@ impl Engine {
         let Some(ks) = self.keys.get(spec.key.as_str()) else {
             return true;
         };
-        if ks.delayed_at(t) {
+        if ks.delayed() {
             return false;
         }
         let mut holders = ks.held;
@@ -722,10 +716,9 @@ impl Engine {
         own: Option<LeaseId>,
         locks: &'a [LockSpec],
         before: Option<WaiterId>,
-        t: TimeMs,
     ) -> Option<&'a LockSpec> {
         let own = own.and_then(|id| self.leases.get(&id));
-        locks.iter().find(|s| !self.key_admits(own, s, before, t))
+        locks.iter().find(|s| !self.key_admits(own, s, before))
     }
 
     fn holder_summaries(&self, key: &str) -> Vec<HolderSummary> {
@@ -827,7 +820,7 @@ impl Engine {
             }
         }
 
-        let Some(blocked) = self.first_blocked(target, &request.locks, None, now) else {
+        let Some(blocked) = self.first_blocked(target, &request.locks, None) else {
             let grant_target = match (target, request.target) {
                 (Some(id), _) => GrantTarget::Lease(id),
                 (None, LeaseTarget::New(nl)) => GrantTarget::New(nl),
@@ -1109,7 +1102,7 @@ impl Engine {
             keys.dedup();
             let mut ready = BTreeSet::new();
             for key in &keys {
-                self.scan_key(key, t, &mut ready);
+                self.scan_key(key, &mut ready);
             }
             for w in ready {
                 self.grant_waiter(w, t);
@@ -1119,9 +1112,9 @@ impl Engine {
 
     /// Collect the grantable requests queued on `key`, walking the queue from its head and
     /// stopping once the requests ahead leave no room for any later one.
-    fn scan_key(&self, key: &str, t: TimeMs, ready: &mut BTreeSet<WaiterId>) {
+    fn scan_key(&self, key: &str, ready: &mut BTreeSet<WaiterId>) {
         let Some(ks) = self.keys.get(key) else { return };
-        if ks.queue.is_empty() || ks.delayed_at(t) {
+        if ks.queue.is_empty() || ks.delayed() {
             return;
         }
         let mut ahead = Usage::default();
@@ -1147,7 +1140,7 @@ impl Engine {
                     .locks
                     .iter()
                     .filter(|s| s.key != key)
-                    .all(|s| self.key_admits(own, s, Some(w), t))
+                    .all(|s| self.key_admits(own, s, Some(w)))
             {
                 ready.insert(w);
             }
@@ -1220,7 +1213,7 @@ impl Engine {
                     return;
                 };
                 let blocked = self
-                    .first_blocked(waiter.target_lease(), &waiter.locks, Some(w), t)
+                    .first_blocked(waiter.target_lease(), &waiter.locks, Some(w))
                     .unwrap_or(&waiter.locks[0]);
                 (
                     blocked.key.clone(),

@@ -238,7 +238,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             let Some(ks) = e.keys.get(spec.key.as_str()) else {
                 return true;
             };
-            if ks.delayed_at(now) {
+            if ks.delayed() {
                 return false;
             }
             let mut u = ks.held;

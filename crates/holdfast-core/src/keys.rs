@@ -117,8 +117,10 @@ impl KeyState {
         !self.in_use() && self.delayed_until_ms.is_none()
     }
 
-    pub fn delayed_at(&self, t: TimeMs) -> bool {
-        self.delayed_until_ms.is_some_and(|d| d > t)
+    /// In lock-delay: no new grants. A delay lasts until its timer fires (timers due at
+    /// one instant fire one by one, each followed by the grants it enables).
+    pub fn delayed(&self) -> bool {
+        self.delayed_until_ms.is_some()
     }
 
     pub fn remove_waiter(&mut self, w: WaiterId) {

@@ -1,6 +1,8 @@
 //! Shared helpers for the engine's integration tests.
 #![allow(dead_code)]
 
+pub mod model;
+
 use holdfast_core::*;
 
 pub fn lid(n: u128) -> LeaseId {
