@@ -8,7 +8,7 @@
 # Not part of CI (CI runs `holdfast-bench --smoke` through `cargo test`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p holdfast -p holdfast-bench --features holdfast-bench/etcd
+cargo build --release -p holdfast -p holdfast-bench --features holdfast-bench/etcd
 bash scripts/bench-peers.sh start
 trap 'bash scripts/bench-peers.sh stop' EXIT
 target/release/holdfast-bench "$@"

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# CPU profile of a holdfast server under W1 (uncontended pairs, 64 clients): where does the
+# server's time go: HTTP parsing, JSON, the engine, the store, the kernel?
+#
+#   bash scripts/bench-profile.sh [memory|async|sync] [seconds]
+#
+# Needs `perf` (Debian package linux-perf) and the release binaries
+# (cargo build --release -p holdfast -p holdfast-bench). Prints the top symbols and a summary
+# grouped by component; the raw profile stays in $OUT (default target/bench-profile).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-memory}
+seconds=${2:-5}
+bin=${TARGET_DIR:-target}/release
+out=${OUT:-target/bench-profile}
+mkdir -p "$out"
+command -v perf >/dev/null || { apt-get install -y -q linux-perf >/dev/null; }
+
+data=$(mktemp -d /tmp/holdfast-profile.XXXXXX)
+"$bin/holdfast" serve --listen 127.0.0.1:0 --durability "$mode" --data-dir "$data/data" \
+  >"$data/stdout" 2>"$data/server.log" &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 1 100); do grep -q "listening on" "$data/stdout" 2>/dev/null && break; sleep 0.1; done
+url=$(sed -n 's/.*listening on \(http[^ ]*\).*/\1/p' "$data/stdout" | head -1)
+echo "profiling holdfast ($mode, pid $server) at $url for ${seconds}s"
+
+"$bin/holdfast-bench" --systems "holdfast-$mode" --workloads w1 --w1-clients 64 \
+  --warmup 1s --duration "$((seconds + 2))s" --holdfast-url "$url" >"$out/bench.md" 2>/dev/null &
+bench=$!
+sleep 1.5
+perf record -e cpu-clock -F 999 -g -p "$server" -o "$out/perf.data" -- sleep "$seconds" 2>/dev/null
+wait $bench
+grep -E '^\| holdfast' "$out/bench.md" || true
+
+perf report -i "$out/perf.data" --no-children --sort sym -g none --stdio 2>/dev/null \
+  | grep -E '^ +[0-9]' | head -40 >"$out/top-symbols.txt"
+echo "== top symbols (self time)"; cat "$out/top-symbols.txt"
+
+# Self time grouped by component, from the symbol and library names.
+perf report -i "$out/perf.data" --no-children --sort dso,sym -g none --stdio 2>/dev/null \
+  | grep -E '^ +[0-9]' | awk '
+    { pct = $1; sub(/%/, "", pct); line = $0 }
+    line ~ /\[k\]/                                          { g["kernel (syscalls, TCP loopback, scheduling)"] += pct; next }
+    line ~ /hyper|h2::|httparse|http::|tower|axum|bytes::/ { g["HTTP (hyper/axum/tower)"] += pct; next }
+    line ~ /serde|json/                                     { g["JSON (serde_json)"] += pct; next }
+    line ~ /holdfast_core/                                  { g["engine (holdfast_core)"] += pct; next }
+    line ~ /redb|postcard/                                  { g["store (redb/postcard)"] += pct; next }
+    line ~ /tokio|parking_lot|crossbeam|mio/               { g["runtime (tokio)"] += pct; next }
+    line ~ /malloc|free|realloc|memcpy|memmove|alloc/      { g["allocation and copying"] += pct; next }
+    line ~ /holdfast_server|holdfast::/                     { g["server glue (holdfast_server)"] += pct; next }
+                                                            { g["other"] += pct }
+    END { for (k in g) printf "%6.1f%%  %s\n", g[k], k }' | sort -rn | tee "$out/components.txt"
