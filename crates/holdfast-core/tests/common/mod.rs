@@ -98,3 +98,11 @@ pub fn holders_of(e: &Engine, key: &str) -> Vec<String> {
         .map(|i| i.holders.into_iter().map(|(_, h)| h.holder).collect())
         .unwrap_or_default()
 }
+
+/// Proptest case count: `default`, or `HOLDFAST_PROPTEST_CASES` for long soak runs.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("HOLDFAST_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -5,7 +5,12 @@
 //! The model keeps plain lists and recomputes every decision from scratch by brute force:
 //! grantability by walking all earlier waiters, the wait-for graph by enumerating every
 //! edge and taking its transitive closure. It shares no code with the engine.
-#![allow(dead_code, clippy::too_many_arguments, clippy::type_complexity, clippy::new_without_default)]
+#![allow(
+    dead_code,
+    clippy::too_many_arguments,
+    clippy::type_complexity,
+    clippy::new_without_default
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 
