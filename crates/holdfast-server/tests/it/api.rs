@@ -361,6 +361,19 @@ async fn invalid_request_names_the_field() {
         400,
         "invalid_request",
     );
+    // Limits: key and holder length, metadata size, locks per request.
+    let limit_cases = [
+        json!({"holder": "h", "locks": [{"key": "k".repeat(513)}]}),
+        json!({"holder": "h".repeat(257), "locks": [{"key": "a"}]}),
+        json!({"holder": "h", "metadata": {"m": "x".repeat(5000)}, "locks": [{"key": "a"}]}),
+        json!({"holder": "h", "locks": (0..65).map(|i| json!({"key": format!("many/{i}")})).collect::<Vec<_>>()}),
+        json!({"holder": "h", "wait_ms": 60_001, "locks": [{"key": "a"}]}),
+    ];
+    for body in limit_cases {
+        let answer = s.post("/v1/leases", body).await;
+        assert_error(&answer, 400, "invalid_request");
+        assert!(answer.1["field"].is_string(), "{}", answer.1);
+    }
     // Syntax errors and empty bodies.
     let resp = s
         .client
@@ -646,5 +659,45 @@ async fn openapi_lists_every_route_and_error_code() {
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_twin_waits_for_the_outcome() {
+    let s = TestServer::memory().await;
+    let path = "/v1/idempotency/wait/1";
+    let (st, started) = s
+        .post(path, json!({"fingerprint": "f", "holder": "exec"}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let lease_id = started["lease_id"].as_str().unwrap().to_owned();
+    let c = s.handle();
+    let twin = tokio::spawn(async move {
+        c.post(
+            path,
+            json!({"fingerprint": "f", "holder": "twin", "wait_ms": 30_000}),
+        )
+        .await
+    });
+    // Wait until the twin is queued (it shows in the stats as a waiter).
+    for _ in 0..2_000 {
+        let (_, stats) = s.get("/v1/stats").await;
+        if stats["waiters"].as_u64() == Some(1) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let (st, _) = s
+        .send(
+            Method::PUT,
+            path,
+            Some(json!({"lease_id": lease_id, "result": {"status": 200, "body": "ok"}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, body) = twin.await.unwrap();
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "completed");
+    assert_eq!(body["result"]["body"], "ok");
     s.shutdown().await;
 }
