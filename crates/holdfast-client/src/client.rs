@@ -252,7 +252,6 @@ impl Client {
     }
 
     /// Start building a lock on `key` (see [`LockBuilder`]).
-    #[must_use]
     pub fn lock(&self, key: impl Into<String>) -> LockBuilder {
         LockBuilder::new(self.clone(), key.into())
     }

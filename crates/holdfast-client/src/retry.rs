@@ -343,7 +343,7 @@ mod tests {
     async fn jittered_delays_grow_on_average() {
         // Mean over many seeds of each retry's delay: increases until the cap.
         let p = RetryPolicy::new(7, Duration::from_secs(10));
-        let mut sums = vec![0f64; 6];
+        let mut sums = [0f64; 6];
         for seed in 0..400 {
             let (sleeps, _, _) = run_always_busy(&p, seed).await;
             for (s, d) in sums.iter_mut().zip(&sleeps) {

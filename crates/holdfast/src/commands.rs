@@ -23,7 +23,6 @@ pub fn policy(args: &LockArgs) -> RetryPolicy {
 
 /// A lock builder for the flags (not reentrant: two runs with the same `--holder` exclude
 /// each other).
-#[must_use]
 pub fn builder(client: &Client, args: &LockArgs) -> LockBuilder {
     let mut keys = args.keys.iter();
     let first = keys.next().cloned().unwrap_or_default();

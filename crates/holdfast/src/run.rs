@@ -114,7 +114,6 @@ impl ProgressReporter {
     }
 
     /// Report `builder`'s retries here.
-    #[must_use]
     pub fn attach(&self, builder: LockBuilder) -> LockBuilder {
         let this = self.clone();
         builder.on_progress(move |p| {

@@ -66,7 +66,9 @@ fn dashboard_shows_locks_and_events_in_a_real_browser() -> anyhow::Result<()> {
     });
     let base = rx.recv_timeout(Duration::from_secs(60))?;
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let http = reqwest::Client::new();
     rt.block_on(async {
         for (holder, key, reason) in [
@@ -81,7 +83,11 @@ fn dashboard_shows_locks_and_events_in_a_real_browser() -> anyhow::Result<()> {
                 }))
                 .send()
                 .await?;
-            anyhow::ensure!(resp.status().is_success(), "acquire {key}: {}", resp.status());
+            anyhow::ensure!(
+                resp.status().is_success(),
+                "acquire {key}: {}",
+                resp.status()
+            );
         }
         anyhow::Ok(())
     })?;
@@ -105,7 +111,10 @@ fn dashboard_shows_locks_and_events_in_a_real_browser() -> anyhow::Result<()> {
         "exclusive",
         "force release",
     ] {
-        assert!(locks.contains(expected), "locks table lacks {expected:?}: {locks}");
+        assert!(
+            locks.contains(expected),
+            "locks table lacks {expected:?}: {locks}"
+        );
     }
     let events = dom
         .split("<ul id=\"events\">")

@@ -46,11 +46,9 @@ impl Server {
             let mut sent = false;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if !sent {
-                    if let Some(url) = line.strip_prefix("listening on ") {
-                        let _ = tx.send(url.trim().to_owned());
-                        sent = true;
-                    }
+                if let Some(url) = line.strip_prefix("listening on ").filter(|_| !sent) {
+                    let _ = tx.send(url.trim().to_owned());
+                    sent = true;
                 }
             }
         });
