@@ -33,13 +33,13 @@ perf record -e cpu-clock -F 999 -g -p "$server" -o "$out/perf.data" -- sleep "$s
 wait $bench
 grep -E '^\| holdfast' "$out/bench.md" || true
 
-perf report -i "$out/perf.data" --no-children --sort sym -g none --stdio 2>/dev/null \
-  | grep -E '^ +[0-9]' | head -40 >"$out/top-symbols.txt"
-echo "== top symbols (self time)"; cat "$out/top-symbols.txt"
+perf report -i "$out/perf.data" --no-children --sort sym -g none --stdio >"$out/report.txt" 2>/dev/null
+grep -E '^ +[0-9]' "$out/report.txt" >"$out/symbols.txt" || true
+echo "== top symbols (self time)"; sed -n 1,40p "$out/symbols.txt"
 
-# Self time grouped by component, from the symbol and library names.
-perf report -i "$out/perf.data" --no-children --sort dso,sym -g none --stdio 2>/dev/null \
-  | grep -E '^ +[0-9]' | awk '
+# Self time grouped by component, from the symbol names.
+echo "== self time by component"
+awk '
     { pct = $1; sub(/%/, "", pct); line = $0 }
     line ~ /\[k\]/                                          { g["kernel (syscalls, TCP loopback, scheduling)"] += pct; next }
     line ~ /hyper|h2::|httparse|http::|tower|axum|bytes::/ { g["HTTP (hyper/axum/tower)"] += pct; next }
@@ -50,4 +50,4 @@ perf report -i "$out/perf.data" --no-children --sort dso,sym -g none --stdio 2>/
     line ~ /malloc|free|realloc|memcpy|memmove|alloc/      { g["allocation and copying"] += pct; next }
     line ~ /holdfast_server|holdfast::/                     { g["server glue (holdfast_server)"] += pct; next }
                                                             { g["other"] += pct }
-    END { for (k in g) printf "%6.1f%%  %s\n", g[k], k }' | sort -rn | tee "$out/components.txt"
+    END { for (k in g) printf "%6.1f%%  %s\n", g[k], k }' "$out/symbols.txt" | sort -rn | tee "$out/components.txt"

@@ -143,6 +143,39 @@ pub fn mem_sample(root: u32) -> Option<MemSample> {
     Some(sample)
 }
 
+/// Kernel clock ticks per second of `utime`/`stime` in `/proc/PID/stat` (`USER_HZ`, 100 on
+/// every Linux architecture the benchmark runs on).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system) consumed so far by `root`'s process tree, in seconds. Children
+/// that already exited are not counted (servers keep theirs alive for the connections).
+#[must_use]
+pub fn cpu_seconds(root: u32) -> Option<f64> {
+    let mut ticks = 0_u64;
+    for pid in process_tree(root) {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            if pid == root {
+                return None;
+            }
+            continue;
+        };
+        // Fields after the command name: state(3) ppid(4) ... utime(14) stime(15).
+        let Some(rest) = stat.rfind(')').map(|at| &stat[at + 2..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| {
+            fields
+                .get(n - 3)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks += field(14) + field(15);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    Some(ticks as f64 / USER_HZ)
+}
+
 /// The port of a URL such as `redis://127.0.0.1:6390` or `postgres://u@127.0.0.1:5433/db`.
 #[must_use]
 pub fn port_of(url: &str) -> Option<u16> {
@@ -188,6 +221,19 @@ mod tests {
         let sample = mem_sample(std::process::id()).expect("own process");
         assert!(sample.rss_kib > 0);
         assert!(sample.processes >= 1);
+    }
+
+    #[test]
+    fn own_cpu_time_grows() {
+        let before = cpu_seconds(std::process::id()).expect("own process");
+        let mut x = 0_u64;
+        let began = std::time::Instant::now();
+        while began.elapsed() < std::time::Duration::from_millis(50) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(x > 0);
+        let after = cpu_seconds(std::process::id()).expect("own process");
+        assert!(after >= before);
     }
 
     #[test]

@@ -330,9 +330,16 @@ impl Report {
             &mut out,
             Workload::W1,
             "W1 uncontended: each client its own connection and key; acquire+release pairs",
-            "| system | durability | clients | pairs/s | pair p50 µs | pair p99 µs |\n|---|---|---:|---:|---:|---:|",
+            "| system | durability | clients | pairs/s | pair p50 µs | pair p99 µs | server CPU µs/pair | bench CPU µs/pair |\n|---|---|---:|---:|---:|---:|---:|---:|",
             |metrics| match metrics {
-                Metrics::Uncontended(r) => format!("{} | {} | {} |", num(r.pairs_per_s), num(r.pair_p50_us), num(r.pair_p99_us)),
+                Metrics::Uncontended(r) => format!(
+                    "{} | {} | {} | {} | {} |",
+                    num(r.pairs_per_s),
+                    num(r.pair_p50_us),
+                    num(r.pair_p99_us),
+                    r.server_cpu_us_per_pair.map_or_else(|| "n/a".to_owned(), num),
+                    r.bench_cpu_us_per_pair.map_or_else(|| "n/a".to_owned(), num),
+                ),
                 _ => String::new(),
             },
         );

@@ -178,9 +178,10 @@ async fn run_system<S: LockSystem>(
     if workloads.contains(&Workload::W1) {
         for &clients in &config.w1_clients {
             progress!("{} W1 {clients} clients", system.name());
-            let outcome = workload::uncontended(system, clients, config.timing, &prefix)
-                .await
-                .map(Metrics::Uncontended);
+            let outcome =
+                workload::uncontended(system, clients, config.timing, &prefix, server_pid)
+                    .await
+                    .map(Metrics::Uncontended);
             report_error(system.name(), &outcome);
             rows.push(row(Workload::W1, clients, None, outcome));
         }

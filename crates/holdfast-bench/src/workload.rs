@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::adapter::{LockConn, LockSystem};
-use crate::procfs::{MemSample, mem_sample};
+use crate::procfs::{MemSample, cpu_seconds, mem_sample};
 
 /// Longest wait of an acquire in W1 and W3 (uncontended: a refusal is an error).
 pub const UNCONTENDED_WAIT: Duration = Duration::from_secs(5);
@@ -77,14 +77,37 @@ pub struct UncontendedResult {
     pub pair_p99_us: f64,
     /// Slowest pair.
     pub pair_max_us: f64,
+    /// CPU time the server's process tree spent per pair in the measured window (`None`
+    /// when its PID is unknown).
+    pub server_cpu_us_per_pair: Option<f64>,
+    /// CPU time this benchmark process (the clients) spent per pair.
+    pub bench_cpu_us_per_pair: Option<f64>,
+}
+
+/// CPU seconds of (server tree, this process) now.
+fn cpu_now(server_pid: Option<u32>) -> (Option<f64>, Option<f64>) {
+    (
+        server_pid.and_then(cpu_seconds),
+        cpu_seconds(std::process::id()),
+    )
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn per_pair_us(before: Option<f64>, after: Option<f64>, pairs: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(before), Some(after)) if pairs > 0 => Some((after - before) * 1e6 / pairs as f64),
+        _ => None,
+    }
 }
 
 /// W1: `clients` clients, each on its own connection and key, acquire and release in a loop.
+/// `server_pid` (the root of the server's process tree) lets the CPU time per pair be read.
 pub async fn uncontended<S: LockSystem>(
     system: &S,
     clients: usize,
     timing: Timing,
     key_prefix: &str,
+    server_pid: Option<u32>,
 ) -> anyhow::Result<UncontendedResult> {
     let conns = connect_all(system, clients).await?;
     let start = Instant::now() + Duration::from_millis(20);
@@ -117,6 +140,10 @@ pub async fn uncontended<S: LockSystem>(
             })
         })
         .collect();
+    tokio::time::sleep_until(measure_from.into()).await;
+    let (server_before, bench_before) = cpu_now(server_pid);
+    tokio::time::sleep_until(end.into()).await;
+    let (server_after, bench_after) = cpu_now(server_pid);
     let mut total = histogram();
     for task in tasks {
         let hist = task.await.context("W1 client task")??;
@@ -131,6 +158,8 @@ pub async fn uncontended<S: LockSystem>(
         pair_p50_us: quantile_us(&total, 0.50),
         pair_p99_us: quantile_us(&total, 0.99),
         pair_max_us: quantile_us(&total, 1.0),
+        server_cpu_us_per_pair: per_pair_us(server_before, server_after, total.len()),
+        bench_cpu_us_per_pair: per_pair_us(bench_before, bench_after, total.len()),
     })
 }
 
