@@ -294,3 +294,53 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt as _;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_internal_json() {
+        async fn boom() -> &'static str {
+            panic!("bug")
+        }
+        let app = Router::new()
+            .route("/boom", get(boom))
+            .layer(CatchPanicLayer::custom(panic_response));
+        let response = app
+            .oneshot(
+                Request::builder()
+                    .uri("/boom")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["error"], "internal");
+        assert!(body["message"].is_string());
+    }
+
+    #[test]
+    fn json_errors_name_nested_fields() {
+        let e =
+            decode::<holdfast_api::CreateLeaseRequest>(br#"{"holder":"h","locks":[{"key":1}]}"#)
+                .err()
+                .unwrap();
+        assert_eq!(e.body.field.as_deref(), Some("locks[0].key"));
+        let e = decode::<holdfast_api::CreateLeaseRequest>(br#"{"holder":"h","locks":[{}]}"#)
+            .err()
+            .unwrap();
+        assert_eq!(e.body.field.as_deref(), Some("locks[0].key"));
+        let e =
+            decode::<holdfast_api::CreateLeaseRequest>(br#"{"holder":"h","locks":[]} trailing"#)
+                .err()
+                .unwrap();
+        assert_eq!(e.body.error, ErrorCode::InvalidRequest);
+    }
+}
