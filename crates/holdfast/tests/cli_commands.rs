@@ -181,7 +181,7 @@ fn events_follow_the_stream() {
     // Events are only sent for changes after the stream starts: retry the run until seen.
     let mut kinds = Vec::new();
     let mut rounds = 0;
-    while !kinds.contains(&"released".to_owned()) {
+    while !(kinds.contains(&"granted".to_owned()) && kinds.contains(&"released".to_owned())) {
         rounds += 1;
         assert!(rounds < 100, "no events seen: {kinds:?}");
         assert_eq!(
@@ -198,7 +198,6 @@ fn events_follow_the_stream() {
         }
         let _ = server.run(&["run", "--lock", "other/y", "--", "true"]);
     }
-    assert!(kinds.contains(&"granted".to_owned()), "{kinds:?}");
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -245,4 +244,39 @@ fn help_documents_the_exit_codes() {
     ] {
         assert!(out.stdout.contains(needle), "{needle}: {}", out.stdout);
     }
+}
+
+#[test]
+fn unauthorized_and_forbidden_exit_6() {
+    // Secrets `s3cret` (client on `app/`) and `adm1n` (admin), stored as SHA-256 digests.
+    let server = Server::start_with_config(Some(
+        r#"
+[[tokens]]
+name = "app"
+role = "client"
+sha256 = "1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0"
+prefixes = ["app/"]
+
+[[tokens]]
+name = "ops"
+role = "admin"
+sha256 = "8f8145e0f8d63c646e48f5a0377007c2193fce8c87399b5d9a59dec43b4cb45b"
+"#,
+    ));
+    let out = server.run(&["run", "--lock", "app/a", "--", "true"]);
+    assert_eq!(out.code(), Some(6), "{out:?}");
+    let out = server.run(&["--token", "wrong", "locks"]);
+    assert_eq!(out.code(), Some(6), "{out:?}");
+    let mut cmd = server.cmd(&["run", "--lock", "other/a", "--", "true"]);
+    cmd.env("HOLDFAST_TOKEN", "s3cret");
+    let out = finish(cmd);
+    assert_eq!(out.code(), Some(6), "{out:?}");
+    assert!(out.stderr.contains("forbidden"), "{}", out.stderr);
+    let mut cmd = server.cmd(&["run", "--lock", "app/a", "--", "true"]);
+    cmd.env("HOLDFAST_TOKEN", "s3cret");
+    assert_eq!(finish(cmd).code(), Some(0));
+    let out = server.run(&[
+        "--token", "s3cret", "admin", "release", "app/a", "--reason", "x",
+    ]);
+    assert_eq!(out.code(), Some(6), "{out:?}");
 }

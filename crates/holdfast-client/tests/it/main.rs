@@ -645,3 +645,70 @@ async fn stats_and_listing_filters() {
     let stats = client.stats().await.unwrap();
     assert!(stats.active_locks >= 2);
 }
+
+/// SHA-256 of `s3cret` and of `adm1n`.
+const CLIENT_SECRET_SHA256: &str =
+    "1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0";
+const ADMIN_SECRET_SHA256: &str =
+    "8f8145e0f8d63c646e48f5a0377007c2193fce8c87399b5d9a59dec43b4cb45b";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_map_to_unauthorized_and_forbidden() {
+    let mut config = ServerConfig::ephemeral_memory();
+    config.tokens = vec![
+        holdfast_server::config::TokenConfig {
+            name: "app".into(),
+            role: holdfast_server::config::Role::Client,
+            sha256: CLIENT_SECRET_SHA256.into(),
+            prefixes: Some(vec!["app/".into()]),
+        },
+        holdfast_server::config::TokenConfig {
+            name: "ops".into(),
+            role: holdfast_server::config::Role::Admin,
+            sha256: ADMIN_SECRET_SHA256.into(),
+            prefixes: None,
+        },
+    ];
+    let server = holdfast_server::start(config).await.unwrap();
+    let anonymous = Client::new(server.base_url()).unwrap();
+    assert!(matches!(
+        anonymous.stats().await,
+        Err(ClientError::Unauthorized { .. })
+    ));
+    let wrong = Client::builder()
+        .base_url(server.base_url())
+        .token("nope")
+        .build()
+        .unwrap();
+    assert!(matches!(
+        wrong.lock("app/x").acquire().await,
+        Err(ClientError::Unauthorized { .. })
+    ));
+    let app = Client::builder()
+        .base_url(server.base_url())
+        .token("s3cret")
+        .build()
+        .unwrap();
+    let g = app.lock("app/x").acquire().await.unwrap();
+    assert!(matches!(
+        app.lock("other/x").acquire().await,
+        Err(ClientError::Forbidden { .. })
+    ));
+    assert!(matches!(
+        app.force_release_lock("app/x", "no").await,
+        Err(ClientError::Forbidden { .. })
+    ));
+    let admin = Client::builder()
+        .base_url(server.base_url())
+        .token("adm1n")
+        .build()
+        .unwrap();
+    admin
+        .force_release_lock("app/x", "maintenance")
+        .await
+        .unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(40), g.lost())
+        .await
+        .expect("lost fires");
+    assert_eq!(reason, LostReason::Revoked(vec!["app/x".into()]));
+}

@@ -23,17 +23,28 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Self {
+        Self::start_with_config(None)
+    }
+
+    /// A server with this TOML config file (tokens, limits).
+    pub fn start_with_config(config: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--durability",
-                "memory",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(dir.path())
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "serve",
+            "--durability",
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path());
+        if let Some(text) = config {
+            let path = dir.path().join("holdfast.toml");
+            std::fs::write(&path, text).expect("config file");
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd
             .env("HOLDFAST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
