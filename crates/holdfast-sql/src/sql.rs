@@ -156,3 +156,43 @@ mod tests {
         assert_eq!(Dialect::MySql.placeholder(3), "?");
     }
 }
+
+/// Rewrite `?` placeholders as `$1, $2, ...` for PostgreSQL; unchanged for the others.
+/// (The statements of this crate never contain `?` inside literals.)
+#[must_use]
+pub fn numbered(dialect: Dialect, sql: &str) -> String {
+    if dialect != Dialect::Postgres {
+        return sql.to_owned();
+    }
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A random 128-bit token, hex.
+#[must_use]
+pub fn random_token() -> String {
+    let v: u128 = rand::random();
+    format!("{v:032x}")
+}
+
+#[cfg(test)]
+mod numbered_tests {
+    use super::*;
+
+    #[test]
+    fn numbers_placeholders_for_postgres_only() {
+        assert_eq!(numbered(Dialect::Postgres, "a = ? AND b = ?"), "a = $1 AND b = $2");
+        assert_eq!(numbered(Dialect::MySql, "a = ?"), "a = ?");
+        assert_eq!(random_token().len(), 32);
+    }
+}

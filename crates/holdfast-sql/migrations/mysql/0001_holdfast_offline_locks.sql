@@ -1,0 +1,13 @@
+CREATE TABLE IF NOT EXISTS holdfast_offline_locks (
+    object_type VARCHAR(100) NOT NULL,
+    object_id VARCHAR(255) NOT NULL,
+    holder VARCHAR(255) NOT NULL,
+    reason VARCHAR(255) NULL,
+    hold_count BIGINT NOT NULL,
+    acquired_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NULL,
+    PRIMARY KEY (object_type, object_id),
+    KEY holdfast_offline_locks_holder (holder),
+    KEY holdfast_offline_locks_expires (expires_at_ms)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
