@@ -368,6 +368,7 @@ pub struct Host {
     owners: HashMap<LeaseId, Option<String>>,
     owner_counts: HashMap<String, u64>,
     leases_per_token_max: u64,
+    waiters_total_max: usize,
     latencies: Latencies,
     started: Instant,
     gauges_at: Option<Instant>,
@@ -395,6 +396,8 @@ pub struct HostParts {
     pub queue_max: usize,
     /// Per-token lease quota.
     pub leases_per_token_max: u64,
+    /// Bound on queued requests over all keys.
+    pub waiters_total_max: usize,
 }
 
 /// Start the host thread.
@@ -430,6 +433,7 @@ pub fn spawn(parts: HostParts) -> std::io::Result<(EngineHandle, std::thread::Jo
         owners,
         owner_counts,
         leases_per_token_max: parts.leases_per_token_max,
+        waiters_total_max: parts.waiters_total_max,
         latencies: Latencies::new(),
         started: Instant::now(),
         gauges_at: None,
@@ -566,6 +570,17 @@ impl Host {
         Ok(())
     }
 
+    /// Refuse a request that may queue when the total of queued requests is at its bound.
+    fn check_waiters(&self, wait_ms: u64) -> Result<(), ApiError> {
+        if wait_ms > 0 && self.pending.len() >= self.waiters_total_max {
+            return Err(ApiError::overloaded(format!(
+                "too many queued requests (limit waiters_total_max = {})",
+                self.waiters_total_max
+            )));
+        }
+        Ok(())
+    }
+
     fn check_quota(&self, owner: Option<&String>) -> Result<(), ApiError> {
         let Some(owner) = owner else { return Ok(()) };
         let n = self.owner_counts.get(owner).copied().unwrap_or(0);
@@ -587,10 +602,12 @@ impl Host {
                 request_id,
                 reply,
             } => {
-                let checked = match &request.target {
-                    LeaseTarget::Existing(id) => self.check_owner(*id, &owner_check),
-                    LeaseTarget::New(new) => self.check_quota(new.owner.as_ref()),
-                };
+                let checked =
+                    self.check_waiters(request.wait_ms)
+                        .and_then(|()| match &request.target {
+                            LeaseTarget::Existing(id) => self.check_owner(*id, &owner_check),
+                            LeaseTarget::New(new) => self.check_quota(new.owner.as_ref()),
+                        });
                 if let Err(e) = checked {
                     out.push(Delivery::Grant(reply, Err(e)));
                     return;
@@ -766,7 +783,10 @@ impl Host {
                 request_id,
                 reply,
             } => {
-                if let Err(e) = self.check_quota(begin.lease.owner.as_ref()) {
+                if let Err(e) = self
+                    .check_waiters(begin.wait_ms)
+                    .and_then(|()| self.check_quota(begin.lease.owner.as_ref()))
+                {
                     out.push(Delivery::Idem(reply, begin.key, Err(e)));
                     return;
                 }

@@ -21,6 +21,8 @@
 //! leases_per_token_max = 10000
 //! request_body_bytes_max = 65536
 //! command_queue_max = 10000
+//! waiters_total_max = 100000         # queued requests over all keys
+//! event_streams_max = 1000           # open GET /v1/events streams
 //!
 //! [[tokens]]
 //! name = "ops"
@@ -55,6 +57,10 @@ pub const IDEMPOTENCY_BODY_BYTES_MAX: usize =
     2 * core_limits::IDEMPOTENCY_RESULT_BODY_BYTES_MAX + 64 * 1024;
 /// Default most commands waiting for the engine; beyond it requests get `overloaded`.
 pub const COMMAND_QUEUE_MAX_DEFAULT: usize = 10_000;
+/// Default most queued requests over all keys together.
+pub const WAITERS_TOTAL_MAX_DEFAULT: usize = 100_000;
+/// Default most open `GET /v1/events` streams.
+pub const EVENT_STREAMS_MAX_DEFAULT: usize = 1_000;
 /// Most commands the engine host applies in one batch (one store commit).
 pub const BATCH_COMMANDS_MAX: usize = 1_024;
 /// Events kept for `Last-Event-ID` resumption.
@@ -173,6 +179,10 @@ pub struct LimitsConfig {
     pub request_body_bytes_max: Option<usize>,
     /// See [`ServerLimits`].
     pub command_queue_max: Option<usize>,
+    /// See [`ServerLimits`].
+    pub waiters_total_max: Option<usize>,
+    /// See [`ServerLimits`].
+    pub event_streams_max: Option<usize>,
 }
 
 /// The TOML config file.
@@ -204,12 +214,16 @@ pub struct FileConfig {
 pub struct ServerLimits {
     /// Limits handed to the engine (may only be lowered from holdfast-core's constants).
     pub engine: Limits,
-    /// Most live leases created by one token (open mode: by everyone together).
+    /// Most live leases created by one token (not applied in open mode, where no token exists).
     pub leases_per_token_max: u64,
     /// Largest request body, bytes (idempotency completion: [`IDEMPOTENCY_BODY_BYTES_MAX`]).
     pub request_body_bytes_max: usize,
     /// Most commands waiting for the engine host before `overloaded`.
     pub command_queue_max: usize,
+    /// Most queued (long-polling) requests over all keys before `overloaded`.
+    pub waiters_total_max: usize,
+    /// Most open event streams before `overloaded`.
+    pub event_streams_max: usize,
 }
 
 impl Default for ServerLimits {
@@ -219,6 +233,8 @@ impl Default for ServerLimits {
             leases_per_token_max: LEASES_PER_TOKEN_MAX_DEFAULT,
             request_body_bytes_max: REQUEST_BODY_BYTES_MAX_DEFAULT,
             command_queue_max: COMMAND_QUEUE_MAX_DEFAULT,
+            waiters_total_max: WAITERS_TOTAL_MAX_DEFAULT,
+            event_streams_max: EVENT_STREAMS_MAX_DEFAULT,
         }
     }
 }
@@ -357,6 +373,8 @@ impl ServerConfig {
                     .request_body_bytes_max
                     .unwrap_or(d.request_body_bytes_max),
                 command_queue_max: fl.command_queue_max.unwrap_or(d.command_queue_max),
+                waiters_total_max: fl.waiters_total_max.unwrap_or(d.waiters_total_max),
+                event_streams_max: fl.event_streams_max.unwrap_or(d.event_streams_max),
             },
             tokens: file.tokens,
             exit_on_store_failure: true,
@@ -409,9 +427,11 @@ impl ServerConfig {
         if self.limits.leases_per_token_max == 0
             || self.limits.request_body_bytes_max < 1024
             || self.limits.command_queue_max == 0
+            || self.limits.waiters_total_max == 0
+            || self.limits.event_streams_max == 0
         {
             return Err(ServeError::Config(
-                "limits leases_per_token_max and command_queue_max must be positive, request_body_bytes_max at least 1024".to_owned(),
+                "limits leases_per_token_max, command_queue_max, waiters_total_max and event_streams_max must be positive, request_body_bytes_max at least 1024".to_owned(),
             ));
         }
         if self.async_flush_ms == 0 {

@@ -211,6 +211,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         exit_on_store_failure: config.exit_on_store_failure,
         queue_max: config.limits.command_queue_max,
         leases_per_token_max: config.limits.leases_per_token_max,
+        waiters_total_max: config.limits.waiters_total_max,
     })?;
 
     let auth = Authenticator::new(&config.tokens);
@@ -231,6 +232,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         config: config.clone(),
         shutdown: shutdown_rx.clone(),
         ready: AtomicBool::new(false),
+        event_streams: std::sync::atomic::AtomicUsize::new(0),
     });
     let app = http::router(Arc::clone(&state));
     let mut stop = shutdown_rx;

@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::http::HeaderMap;
@@ -33,7 +34,17 @@ pub struct EventsQuery {
     pub prefix: Option<String>,
 }
 
+/// Counts an open stream; released when the stream is dropped.
+struct StreamSlot(Arc<AppState>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.event_streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct StreamState {
+    _slot: StreamSlot,
     hub: Arc<EventHub>,
     backlog: VecDeque<Arc<Event>>,
     missed: Option<Missed>,
@@ -135,6 +146,7 @@ fn event_stream(st: StreamState) -> impl Stream<Item = Result<SseEvent, Infallib
     responses(
         (status = 200, description = "text/event-stream; `event:` is the kind, `id:` the sequence number, `data:` an EventBody (or an EventsMissedBody for `missed`)", body = EventBody, content_type = "text/event-stream"),
         (status = 400, body = ErrorBody),
+        (status = 503, description = "overloaded: too many open streams", body = ErrorBody),
     )
 )]
 pub async fn stream(
@@ -158,8 +170,17 @@ pub async fn stream(
                 })?,
         ),
     };
+    let max = state.config.limits.event_streams_max;
+    if state.event_streams.fetch_add(1, Ordering::AcqRel) >= max {
+        state.event_streams.fetch_sub(1, Ordering::AcqRel);
+        return Err(ApiError::overloaded(format!(
+            "too many open event streams (limit event_streams_max = {max})"
+        )));
+    }
+    let slot = StreamSlot(Arc::clone(&state));
     let sub = state.hub.subscribe(after);
     let st = StreamState {
+        _slot: slot,
         hub: Arc::clone(&state.hub),
         backlog: sub.backlog.into(),
         missed: sub.missed,

@@ -48,6 +48,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// False while shutting down.
     pub ready: AtomicBool,
+    /// Open event streams.
+    pub event_streams: std::sync::atomic::AtomicUsize,
 }
 
 /// Handler state.

@@ -130,3 +130,39 @@ async fn shutdown_answers_queued_waiters() {
         Err(e) => assert!(!e.is_timeout(), "{e}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn total_waiters_are_bounded() {
+    let mut config = holdfast_server::ServerConfig::ephemeral_memory();
+    config.limits.waiters_total_max = 1;
+    let s = TestServer::start(config).await;
+    s.acquire("alice", &["tw/a", "tw/b"]).await;
+    let c = s.handle();
+    let waiter = tokio::spawn(async move {
+        c.post(
+            "/v1/leases",
+            json!({"holder": "bob", "wait_ms": 1_000, "locks": [{"key": "tw/a"}]}),
+        )
+        .await
+    });
+    s.wait_for_waiters("tw/a", 1).await;
+    let answer = s
+        .post(
+            "/v1/leases",
+            json!({"holder": "carol", "wait_ms": 1_000, "locks": [{"key": "tw/b"}]}),
+        )
+        .await;
+    crate::common::assert_error(&answer, 503, "overloaded");
+    // No-wait requests are not affected.
+    crate::common::assert_error(
+        &s.post(
+            "/v1/leases",
+            json!({"holder": "dave", "locks": [{"key": "tw/b"}]}),
+        )
+        .await,
+        409,
+        "lock_held",
+    );
+    crate::common::assert_error(&waiter.await.unwrap(), 409, "wait_timeout");
+    s.shutdown().await;
+}

@@ -144,3 +144,27 @@ async fn bad_last_event_id_is_invalid_request() {
     assert_eq!(body["error"], "invalid_request");
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_are_bounded() {
+    let mut config = holdfast_server::ServerConfig::ephemeral_memory();
+    config.limits.event_streams_max = 1;
+    let s = TestServer::start(config).await;
+    let first = SseReader::open(&s, "", None).await;
+    let resp = s.client.get(s.url("/v1/events")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().get("retry-after").is_some());
+    drop(first);
+    // The slot is freed when the stream goes away.
+    let mut opened = false;
+    for _ in 0..1_000 {
+        let resp = s.client.get(s.url("/v1/events")).send().await.unwrap();
+        if resp.status() == 200 {
+            opened = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(opened, "stream slot never freed");
+    s.shutdown().await;
+}
