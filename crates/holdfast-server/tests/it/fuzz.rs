@@ -206,6 +206,9 @@ fn case() -> impl Strategy<Value = Case> {
         )
 }
 
+static STATUS_COUNTS: std::sync::Mutex<std::collections::BTreeMap<u16, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
 async fn run_case(client: &reqwest::Client, base: &str, c: &Case) -> Result<(), String> {
     let (method, template) = ROUTES[c.route];
     let method = c.method_override.unwrap_or(method);
@@ -235,6 +238,11 @@ async fn run_case(client: &reqwest::Client, base: &str, c: &Case) -> Result<(), 
         .await
         .map_err(|e| format!("{method} {url}: transport error {e}"))?;
     let status = resp.status();
+    *STATUS_COUNTS
+        .lock()
+        .unwrap()
+        .entry(status.as_u16())
+        .or_default() += 1;
     if status.is_server_error() {
         let text = resp.text().await.unwrap_or_default();
         return Err(format!("{method} {url} {c:?} → {status}: {text}"));
@@ -297,6 +305,10 @@ fn malformed_input_never_gets_a_5xx() {
     if let Err(e) = result {
         panic!("{e}");
     }
+    eprintln!(
+        "fuzz: answers by status: {:?}",
+        STATUS_COUNTS.lock().unwrap()
+    );
     let health = rt.block_on(async {
         client
             .get(format!("{base}/healthz"))
