@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# CPU profile of a holdfast server under W1 (uncontended pairs, 64 clients): where does the
-# server's time go: HTTP parsing, JSON, the engine, the store, the kernel?
+# CPU profile of a holdfast server and of the benchmark's clients under W1 (uncontended pairs,
+# 64 clients): where does the time go: HTTP, JSON, the engine, the store, allocation, the kernel?
 #
 #   bash scripts/bench-profile.sh [memory|async|sync] [seconds]
 #
@@ -29,20 +29,23 @@ echo "profiling holdfast ($mode, pid $server) at $url for ${seconds}s"
   --warmup 1s --duration "$((seconds + 2))s" --holdfast-url "$url" >"$out/bench.md" 2>/dev/null &
 bench=$!
 sleep 1.5
-perf record -e cpu-clock -F 999 -g -p "$server" -o "$out/perf.data" -- sleep "$seconds" 2>/dev/null
+# The server and the benchmark's clients (holdfast-client over reqwest), side by side.
+perf record -e cpu-clock -F 999 -g -p "$server" -o "$out/server.perf.data" -- sleep "$seconds" 2>/dev/null &
+perf record -e cpu-clock -F 999 -g -p "$bench" -o "$out/clients.perf.data" -- sleep "$seconds" 2>/dev/null
 wait $bench
 grep -E '^\| holdfast' "$out/bench.md" || true
 
-perf report -i "$out/perf.data" --no-children --sort sym -g none --stdio >"$out/report.txt" 2>/dev/null
-grep -E '^ +[0-9]' "$out/report.txt" >"$out/symbols.txt" || true
-echo "== top symbols (self time)"; sed -n 1,40p "$out/symbols.txt"
+for side in server clients; do
+perf report -i "$out/$side.perf.data" --no-children --sort sym -g none --stdio >"$out/$side.report.txt" 2>/dev/null
+grep -E '^ +[0-9]' "$out/$side.report.txt" >"$out/$side.symbols.txt" || true
+echo "== $side: top symbols (self time)"; sed -n 1,25p "$out/$side.symbols.txt"
 
 # Self time grouped by component, from the symbol names.
-echo "== self time by component"
+echo "== $side: self time by component"
 awk '
     { pct = $1; sub(/%/, "", pct); line = $0 }
     line ~ /\[k\]/                                          { g["kernel (syscalls, TCP loopback, scheduling)"] += pct; next }
-    line ~ /hyper|h2::|httparse|http::|tower|axum|bytes::/ { g["HTTP (hyper/axum/tower)"] += pct; next }
+    line ~ /hyper|h2::|httparse|http::|tower|axum|bytes::|reqwest|url::/ { g["HTTP (hyper/axum/tower/reqwest)"] += pct; next }
     line ~ /serde|json/                                     { g["JSON (serde_json)"] += pct; next }
     line ~ /holdfast_core/                                  { g["engine (holdfast_core)"] += pct; next }
     line ~ /redb|postcard/                                  { g["store (redb/postcard)"] += pct; next }
@@ -50,4 +53,5 @@ awk '
     line ~ /malloc|free|realloc|memcpy|memmove|alloc/      { g["allocation and copying"] += pct; next }
     line ~ /holdfast_server|holdfast::/                     { g["server glue (holdfast_server)"] += pct; next }
                                                             { g["other"] += pct }
-    END { for (k in g) printf "%6.1f%%  %s\n", g[k], k }' "$out/symbols.txt" | sort -rn | tee "$out/components.txt"
+    END { for (k in g) printf "%6.1f%%  %s\n", g[k], k }' "$out/$side.symbols.txt" | sort -rn | tee "$out/$side.components.txt"
+done

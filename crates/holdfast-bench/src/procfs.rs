@@ -147,8 +147,9 @@ pub fn mem_sample(root: u32) -> Option<MemSample> {
 /// every Linux architecture the benchmark runs on).
 const USER_HZ: f64 = 100.0;
 
-/// CPU time (user + system) consumed so far by `root`'s process tree, in seconds. Children
-/// that already exited are not counted (servers keep theirs alive for the connections).
+/// CPU time (user + system) consumed so far by `root`'s process tree, in seconds: the living
+/// processes' own time plus what their exited and reaped children used (`cutime`/`cstime`),
+/// so that PostgreSQL backends that end between two samples do not take their time with them.
 #[must_use]
 pub fn cpu_seconds(root: u32) -> Option<f64> {
     let mut ticks = 0_u64;
@@ -159,7 +160,8 @@ pub fn cpu_seconds(root: u32) -> Option<f64> {
             }
             continue;
         };
-        // Fields after the command name: state(3) ppid(4) ... utime(14) stime(15).
+        // Fields after the command name: state(3) ppid(4) ... utime(14) stime(15)
+        // cutime(16) cstime(17).
         let Some(rest) = stat.rfind(')').map(|at| &stat[at + 2..]) else {
             continue;
         };
@@ -170,7 +172,7 @@ pub fn cpu_seconds(root: u32) -> Option<f64> {
                 .and_then(|f| f.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        ticks += field(14) + field(15);
+        ticks += field(14) + field(15) + field(16) + field(17);
     }
     #[allow(clippy::cast_precision_loss)]
     Some(ticks as f64 / USER_HZ)
