@@ -96,7 +96,10 @@ impl AdvisoryOptions {
     /// One try, fail at once if held.
     #[must_use]
     pub fn no_wait() -> Self {
-        Self { retry: RetryPolicy::no_wait(), ..Self::default() }
+        Self {
+            retry: RetryPolicy::no_wait(),
+            ..Self::default()
+        }
     }
     /// Builder: retry policy.
     #[must_use]
@@ -132,11 +135,22 @@ pub trait AdvisoryBackend: Database {
         mode: AdvisoryMode,
     ) -> impl Future<Output = Result<bool>> + Send + 'a;
     /// Who holds the key, if the database says.
-    fn holder<'a>(conn: &'a mut Self::Connection, key: &'a Self::Key) -> impl Future<Output = Result<Option<String>>> + Send + 'a;
+    fn holder<'a>(
+        conn: &'a mut Self::Connection,
+        key: &'a Self::Key,
+    ) -> impl Future<Output = Result<Option<String>>> + Send + 'a;
     /// Whether this session holds the key.
-    fn is_held<'a>(conn: &'a mut Self::Connection, key: &'a Self::Key, mode: AdvisoryMode) -> impl Future<Output = Result<bool>> + Send + 'a;
+    fn is_held<'a>(
+        conn: &'a mut Self::Connection,
+        key: &'a Self::Key,
+        mode: AdvisoryMode,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a;
     /// Release once; `Ok(false)` when this session did not hold it.
-    fn unlock<'a>(conn: &'a mut Self::Connection, key: &'a Self::Key, mode: AdvisoryMode) -> impl Future<Output = Result<bool>> + Send + 'a;
+    fn unlock<'a>(
+        conn: &'a mut Self::Connection,
+        key: &'a Self::Key,
+        mode: AdvisoryMode,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a;
 }
 
 fn pg_key_halves(key: i64) -> (i64, i64) {
@@ -148,6 +162,8 @@ fn pg_key_halves(key: i64) -> (i64, i64) {
     ((k >> 32) as i64, (k & 0xffff_ffff) as i64)
 }
 
+// Written out (not `async fn`) so the `Send` bound of the trait is visible.
+#[allow(clippy::manual_async_fn)]
 impl AdvisoryBackend for Postgres {
     type Key = i64;
 
@@ -155,29 +171,58 @@ impl AdvisoryBackend for Postgres {
         pg_key(name)
     }
 
-    fn try_lock<'a>(conn: &'a mut PgConnection, key: &'a i64, wait: Duration, mode: AdvisoryMode) -> impl Future<Output = Result<bool>> + Send + 'a {
+    fn try_lock<'a>(
+        conn: &'a mut PgConnection,
+        key: &'a i64,
+        wait: Duration,
+        mode: AdvisoryMode,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
             let shared = mode == AdvisoryMode::Shared;
             if wait.is_zero() {
-                let sql = if shared { "SELECT pg_try_advisory_lock_shared($1)" } else { "SELECT pg_try_advisory_lock($1)" };
+                let sql = if shared {
+                    "SELECT pg_try_advisory_lock_shared($1)"
+                } else {
+                    "SELECT pg_try_advisory_lock($1)"
+                };
                 let (ok,): (bool,) = sqlx::query_as(sql).bind(*key).fetch_one(&mut *conn).await?;
                 return Ok(ok);
             }
-            let (previous,): (String,) = sqlx::query_as("SELECT current_setting('lock_timeout')").fetch_one(&mut *conn).await?;
+            let (previous,): (String,) = sqlx::query_as("SELECT current_setting('lock_timeout')")
+                .fetch_one(&mut *conn)
+                .await?;
             let ms = wait.as_millis().max(1).to_string();
-            sqlx::query("SELECT set_config('lock_timeout', $1, false)").bind(ms).execute(&mut *conn).await?;
-            let sql = if shared { "SELECT pg_advisory_lock_shared($1)::text" } else { "SELECT pg_advisory_lock($1)::text" };
+            sqlx::query("SELECT set_config('lock_timeout', $1, false)")
+                .bind(ms)
+                .execute(&mut *conn)
+                .await?;
+            let sql = if shared {
+                "SELECT pg_advisory_lock_shared($1)::text"
+            } else {
+                "SELECT pg_advisory_lock($1)::text"
+            };
             let r = sqlx::query(sql).bind(*key).execute(&mut *conn).await;
-            sqlx::query("SELECT set_config('lock_timeout', $1, false)").bind(previous).execute(&mut *conn).await?;
+            sqlx::query("SELECT set_config('lock_timeout', $1, false)")
+                .bind(previous)
+                .execute(&mut *conn)
+                .await?;
             match r {
                 Ok(_) => Ok(true),
-                Err(e) if crate::classify::classify_sqlx(&e).is_some_and(crate::Conflict::is_lock_refusal) => Ok(false),
+                Err(e)
+                    if crate::classify::classify_sqlx(&e)
+                        .is_some_and(crate::Conflict::is_lock_refusal) =>
+                {
+                    Ok(false)
+                }
                 Err(e) => Err(e.into()),
             }
         }
     }
 
-    fn holder<'a>(conn: &'a mut PgConnection, key: &'a i64) -> impl Future<Output = Result<Option<String>>> + Send + 'a {
+    fn holder<'a>(
+        conn: &'a mut PgConnection,
+        key: &'a i64,
+    ) -> impl Future<Output = Result<Option<String>>> + Send + 'a {
         async move {
             let (hi, lo) = pg_key_halves(*key);
             let rows: Vec<(i32, String, Option<String>)> = sqlx::query_as(
@@ -204,10 +249,18 @@ impl AdvisoryBackend for Postgres {
         }
     }
 
-    fn is_held<'a>(conn: &'a mut PgConnection, key: &'a i64, mode: AdvisoryMode) -> impl Future<Output = Result<bool>> + Send + 'a {
+    fn is_held<'a>(
+        conn: &'a mut PgConnection,
+        key: &'a i64,
+        mode: AdvisoryMode,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
             let (hi, lo) = pg_key_halves(*key);
-            let lock_mode = if mode == AdvisoryMode::Shared { "ShareLock" } else { "ExclusiveLock" };
+            let lock_mode = if mode == AdvisoryMode::Shared {
+                "ShareLock"
+            } else {
+                "ExclusiveLock"
+            };
             let (held,): (bool,) = sqlx::query_as(
                 "SELECT EXISTS(SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
                  AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1 AND mode = $3 AND granted)",
@@ -221,9 +274,17 @@ impl AdvisoryBackend for Postgres {
         }
     }
 
-    fn unlock<'a>(conn: &'a mut PgConnection, key: &'a i64, mode: AdvisoryMode) -> impl Future<Output = Result<bool>> + Send + 'a {
+    fn unlock<'a>(
+        conn: &'a mut PgConnection,
+        key: &'a i64,
+        mode: AdvisoryMode,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
-            let sql = if mode == AdvisoryMode::Shared { "SELECT pg_advisory_unlock_shared($1)" } else { "SELECT pg_advisory_unlock($1)" };
+            let sql = if mode == AdvisoryMode::Shared {
+                "SELECT pg_advisory_unlock_shared($1)"
+            } else {
+                "SELECT pg_advisory_unlock($1)"
+            };
             // An unlock of a lock not held is a WARNING and `false`, not an error.
             let (ok,): (bool,) = sqlx::query_as(sql).bind(*key).fetch_one(&mut *conn).await?;
             Ok(ok)
@@ -231,6 +292,8 @@ impl AdvisoryBackend for Postgres {
     }
 }
 
+// Written out (not `async fn`) so the `Send` bound of the trait is visible.
+#[allow(clippy::manual_async_fn)]
 impl AdvisoryBackend for MySql {
     type Key = String;
 
@@ -238,7 +301,12 @@ impl AdvisoryBackend for MySql {
         mysql_lock_name(name)
     }
 
-    fn try_lock<'a>(conn: &'a mut MySqlConnection, key: &'a String, wait: Duration, mode: AdvisoryMode) -> impl Future<Output = Result<bool>> + Send + 'a {
+    fn try_lock<'a>(
+        conn: &'a mut MySqlConnection,
+        key: &'a String,
+        wait: Duration,
+        mode: AdvisoryMode,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
             if mode == AdvisoryMode::Shared {
                 return Err(SqlLockError::Unsupported {
@@ -257,10 +325,15 @@ impl AdvisoryBackend for MySql {
         }
     }
 
-    fn holder<'a>(conn: &'a mut MySqlConnection, key: &'a String) -> impl Future<Output = Result<Option<String>>> + Send + 'a {
+    fn holder<'a>(
+        conn: &'a mut MySqlConnection,
+        key: &'a String,
+    ) -> impl Future<Output = Result<Option<String>>> + Send + 'a {
         async move {
-            let (id,): (Option<i64>,) =
-                sqlx::query_as("SELECT CAST(IS_USED_LOCK(?) AS SIGNED)").bind(key).fetch_one(&mut *conn).await?;
+            let (id,): (Option<i64>,) = sqlx::query_as("SELECT CAST(IS_USED_LOCK(?) AS SIGNED)")
+                .bind(key)
+                .fetch_one(&mut *conn)
+                .await?;
             let Some(id) = id else { return Ok(None) };
             let who: Option<(String, String)> = sqlx::query_as(
                 "SELECT CAST(USER AS CHAR), CAST(HOST AS CHAR) FROM information_schema.PROCESSLIST WHERE ID = ?",
@@ -276,21 +349,32 @@ impl AdvisoryBackend for MySql {
         }
     }
 
-    fn is_held<'a>(conn: &'a mut MySqlConnection, key: &'a String, _mode: AdvisoryMode) -> impl Future<Output = Result<bool>> + Send + 'a {
+    fn is_held<'a>(
+        conn: &'a mut MySqlConnection,
+        key: &'a String,
+        _mode: AdvisoryMode,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
-            let (held,): (Option<i64>,) = sqlx::query_as("SELECT CAST(IS_USED_LOCK(?) = CONNECTION_ID() AS SIGNED)")
-                .bind(key)
-                .fetch_one(&mut *conn)
-                .await?;
+            let (held,): (Option<i64>,) =
+                sqlx::query_as("SELECT CAST(IS_USED_LOCK(?) = CONNECTION_ID() AS SIGNED)")
+                    .bind(key)
+                    .fetch_one(&mut *conn)
+                    .await?;
             Ok(held == Some(1))
         }
     }
 
-    fn unlock<'a>(conn: &'a mut MySqlConnection, key: &'a String, _mode: AdvisoryMode) -> impl Future<Output = Result<bool>> + Send + 'a {
+    fn unlock<'a>(
+        conn: &'a mut MySqlConnection,
+        key: &'a String,
+        _mode: AdvisoryMode,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
             // 1: released; 0: held by another session; NULL: not held by anyone.
-            let (r,): (Option<i64>,) =
-                sqlx::query_as("SELECT CAST(RELEASE_LOCK(?) AS SIGNED)").bind(key).fetch_one(&mut *conn).await?;
+            let (r,): (Option<i64>,) = sqlx::query_as("SELECT CAST(RELEASE_LOCK(?) AS SIGNED)")
+                .bind(key)
+                .fetch_one(&mut *conn)
+                .await?;
             Ok(r == Some(1))
         }
     }
@@ -340,7 +424,9 @@ impl<DB: AdvisoryBackend> AdvisoryGuard<DB> {
     }
 
     fn lost(&self) -> SqlLockError {
-        SqlLockError::AdvisoryLost { key: self.name.clone() }
+        SqlLockError::AdvisoryLost {
+            key: self.name.clone(),
+        }
     }
 
     /// Ask the database whether this session still holds the lock.
@@ -349,7 +435,9 @@ impl<DB: AdvisoryBackend> AdvisoryGuard<DB> {
     /// [`SqlLockError::AdvisoryLost`] if it does not, or the session is gone.
     pub async fn check(&mut self) -> Result<()> {
         let lost = self.lost();
-        let Some(conn) = self.conn.as_mut() else { return Err(lost) };
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(lost);
+        };
         match DB::is_held(&mut **conn, &self.key, self.mode).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(lost),
@@ -371,7 +459,9 @@ impl<DB: AdvisoryBackend> AdvisoryGuard<DB> {
     /// lost with its connection, or released elsewhere).
     pub async fn release(mut self) -> Result<()> {
         let lost = self.lost();
-        let Some(mut conn) = self.conn.take() else { return Err(lost) };
+        let Some(mut conn) = self.conn.take() else {
+            return Err(lost);
+        };
         match DB::unlock(&mut *conn, &self.key, self.mode).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(lost),
@@ -400,7 +490,11 @@ impl<DB: AdvisoryBackend> Drop for AdvisoryGuard<DB> {
 /// # Errors
 /// [`SqlLockError::AdvisoryHeld`] (naming the holder when the database tells) when the retry
 /// policy gave up, or a database error.
-pub async fn lock<DB: AdvisoryBackend>(pool: &Pool<DB>, name: &str, opts: &AdvisoryOptions) -> Result<AdvisoryGuard<DB>> {
+pub async fn lock<DB: AdvisoryBackend>(
+    pool: &Pool<DB>,
+    name: &str,
+    opts: &AdvisoryOptions,
+) -> Result<AdvisoryGuard<DB>> {
     let key = DB::key_for(name);
     let mut conn = pool.acquire().await?;
     let start = tokio::time::Instant::now();
@@ -410,16 +504,36 @@ pub async fn lock<DB: AdvisoryBackend>(pool: &Pool<DB>, name: &str, opts: &Advis
     loop {
         n += 1;
         if DB::try_lock(&mut conn, &key, opts.wait, opts.mode).await? {
-            return Ok(AdvisoryGuard { conn: Some(conn), name: name.to_owned(), key, mode: opts.mode, attempts: n });
+            return Ok(AdvisoryGuard {
+                conn: Some(conn),
+                name: name.to_owned(),
+                key,
+                mode: opts.mode,
+                attempts: n,
+            });
         }
         let elapsed = start.elapsed();
         let delay = opts.retry.delay(n - 1, &mut rng);
-        let out_of_time = opts.retry.max_total.is_some_and(|max| elapsed + delay > max);
+        let out_of_time = opts
+            .retry
+            .max_total
+            .is_some_and(|max| elapsed + delay > max);
         if n >= attempts || out_of_time {
             let holder = DB::holder(&mut conn, &key).await.unwrap_or(None);
-            return Err(SqlLockError::AdvisoryHeld { key: name.to_owned(), holder, attempts: n, waited: elapsed });
+            return Err(SqlLockError::AdvisoryHeld {
+                key: name.to_owned(),
+                holder,
+                attempts: n,
+                waited: elapsed,
+            });
         }
-        tracing::info!(key = name, attempt = n, attempts, ?delay, "advisory lock held; retrying");
+        tracing::info!(
+            key = name,
+            attempt = n,
+            attempts,
+            ?delay,
+            "advisory lock held; retrying"
+        );
         opts.sleeper.sleep(delay).await;
     }
 }
@@ -439,7 +553,11 @@ pub async fn holder<DB: AdvisoryBackend>(pool: &Pool<DB>, name: &str) -> Result<
 /// A database error (a deadlock among advisory waiters is 40P01, retried by
 /// [`crate::transaction::transaction`]).
 pub async fn pg_xact_lock(conn: &mut PgConnection, name: &str, mode: AdvisoryMode) -> Result<()> {
-    let sql = if mode == AdvisoryMode::Shared { "SELECT pg_advisory_xact_lock_shared($1)::text" } else { "SELECT pg_advisory_xact_lock($1)::text" };
+    let sql = if mode == AdvisoryMode::Shared {
+        "SELECT pg_advisory_xact_lock_shared($1)::text"
+    } else {
+        "SELECT pg_advisory_xact_lock($1)::text"
+    };
     sqlx::query(sql).bind(pg_key(name)).execute(conn).await?;
     Ok(())
 }
@@ -448,13 +566,20 @@ pub async fn pg_xact_lock(conn: &mut PgConnection, name: &str, mode: AdvisoryMod
 ///
 /// # Errors
 /// A database error.
-pub async fn pg_try_xact_lock(conn: &mut PgConnection, name: &str, mode: AdvisoryMode) -> Result<bool> {
+pub async fn pg_try_xact_lock(
+    conn: &mut PgConnection,
+    name: &str,
+    mode: AdvisoryMode,
+) -> Result<bool> {
     let sql = if mode == AdvisoryMode::Shared {
         "SELECT pg_try_advisory_xact_lock_shared($1)"
     } else {
         "SELECT pg_try_advisory_xact_lock($1)"
     };
-    let (ok,): (bool,) = sqlx::query_as(sql).bind(pg_key(name)).fetch_one(conn).await?;
+    let (ok,): (bool,) = sqlx::query_as(sql)
+        .bind(pg_key(name))
+        .fetch_one(conn)
+        .await?;
     Ok(ok)
 }
 
@@ -467,7 +592,10 @@ mod tests {
         // SHA-256("vocab_import/RXNORM")[..8], pinned so the mapping never changes silently.
         assert_eq!(pg_key("a"), pg_key("a"));
         assert_ne!(pg_key("a"), pg_key("b"));
-        assert_eq!(pg_key(""), i64::from_be_bytes([0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14]));
+        assert_eq!(
+            pg_key(""),
+            i64::from_be_bytes([0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14])
+        );
     }
 
     #[test]

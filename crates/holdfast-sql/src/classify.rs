@@ -91,9 +91,15 @@ pub fn classify_sqlx(error: &sqlx::Error) -> Option<Conflict> {
         return classify_mysql(my.number(), my.code());
     }
     if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-        return db.code().and_then(|c| c.parse::<i32>().ok()).and_then(classify_sqlite);
+        return db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .and_then(classify_sqlite);
     }
-    if db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+    if db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
         return db.code().and_then(|c| classify_sqlstate(&c));
     }
     None
@@ -146,11 +152,23 @@ mod tests {
 
     #[test]
     fn mysql_numbers() {
-        assert_eq!(classify_mysql(1213, Some("40001")), Some(Conflict::Deadlock));
-        assert_eq!(classify_mysql(1205, Some("HY000")), Some(Conflict::LockTimeout));
-        assert_eq!(classify_mysql(3572, Some("HY000")), Some(Conflict::LockNotAvailable));
+        assert_eq!(
+            classify_mysql(1213, Some("40001")),
+            Some(Conflict::Deadlock)
+        );
+        assert_eq!(
+            classify_mysql(1205, Some("HY000")),
+            Some(Conflict::LockTimeout)
+        );
+        assert_eq!(
+            classify_mysql(3572, Some("HY000")),
+            Some(Conflict::LockNotAvailable)
+        );
         assert_eq!(classify_mysql(1062, Some("23000")), None);
-        assert_eq!(classify_mysql(9999, Some("40001")), Some(Conflict::Serialization));
+        assert_eq!(
+            classify_mysql(9999, Some("40001")),
+            Some(Conflict::Serialization)
+        );
     }
 
     #[test]

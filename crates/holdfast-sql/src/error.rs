@@ -47,7 +47,9 @@ pub enum SqlLockError {
 
     /// An advisory lock this process believed it held is gone (its connection was closed or
     /// killed, or it was released behind the guard's back).
-    #[error("advisory lock {key} was lost (its database session ended or it was released elsewhere)")]
+    #[error(
+        "advisory lock {key} was lost (its database session ended or it was released elsewhere)"
+    )]
     AdvisoryLost {
         /// The lock name.
         key: String,

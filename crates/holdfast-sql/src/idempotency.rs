@@ -13,10 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{AssertSqlSafe, Database, MySql, MySqlConnection, PgConnection, Pool, Postgres, Sqlite, SqliteConnection};
+use sqlx::{
+    AssertSqlSafe, Database, MySql, MySqlConnection, PgConnection, Pool, Postgres, Sqlite,
+    SqliteConnection,
+};
 
 use crate::error::{Result, SqlLockError};
-use crate::sql::{Clock, Dialect, SystemClock, duration_ms, is_plain_identifier, ms_to_datetime, numbered, random_token};
+use crate::sql::{
+    Clock, Dialect, SystemClock, duration_ms, is_plain_identifier, ms_to_datetime, numbered,
+    random_token,
+};
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "holdfast_idempotency";
@@ -82,7 +88,10 @@ pub struct IdempotencyTtl {
 
 impl Default for IdempotencyTtl {
     fn default() -> Self {
-        Self { record: Duration::from_secs(24 * 3600), lease: Duration::from_secs(30) }
+        Self {
+            record: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(30),
+        }
     }
 }
 
@@ -97,7 +106,12 @@ pub struct Idempotency<DB: Database> {
 
 impl<DB: Database> Clone for Idempotency<DB> {
     fn clone(&self) -> Self {
-        Self { pool: self.pool.clone(), table: self.table.clone(), clock: self.clock.clone(), ttl: self.ttl.clone() }
+        Self {
+            pool: self.pool.clone(),
+            table: self.table.clone(),
+            clock: self.clock.clone(),
+            ttl: self.ttl,
+        }
     }
 }
 
@@ -105,7 +119,12 @@ impl<DB: Database> Idempotency<DB> {
     /// The table [`DEFAULT_TABLE`], system clock, default TTLs.
     #[must_use]
     pub fn new(pool: Pool<DB>) -> Self {
-        Self { pool, table: DEFAULT_TABLE.to_owned(), clock: Arc::new(SystemClock), ttl: IdempotencyTtl::default() }
+        Self {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            clock: Arc::new(SystemClock),
+            ttl: IdempotencyTtl::default(),
+        }
     }
 
     /// Use another table name (a plain identifier of at most 48 characters).
@@ -136,7 +155,9 @@ impl<DB: Database> Idempotency<DB> {
 
     fn check(key: &str, fingerprint: &str) -> Result<()> {
         if key.is_empty() || key.len() > 255 || fingerprint.len() > 255 {
-            return Err(SqlLockError::InvalidArgument("idempotency key must be 1..=255 bytes, fingerprint at most 255".into()));
+            return Err(SqlLockError::InvalidArgument(
+                "idempotency key must be 1..=255 bytes, fingerprint at most 255".into(),
+            ));
         }
         Ok(())
     }
@@ -342,11 +363,24 @@ mod tests {
     #[test]
     fn shipped_migrations_match_the_generated_ddl() {
         for (dialect, file) in [
-            (Dialect::Postgres, include_str!("../migrations/postgres/0002_holdfast_idempotency.sql")),
-            (Dialect::MySql, include_str!("../migrations/mysql/0002_holdfast_idempotency.sql")),
-            (Dialect::Sqlite, include_str!("../migrations/sqlite/0002_holdfast_idempotency.sql")),
+            (
+                Dialect::Postgres,
+                include_str!("../migrations/postgres/0002_holdfast_idempotency.sql"),
+            ),
+            (
+                Dialect::MySql,
+                include_str!("../migrations/mysql/0002_holdfast_idempotency.sql"),
+            ),
+            (
+                Dialect::Sqlite,
+                include_str!("../migrations/sqlite/0002_holdfast_idempotency.sql"),
+            ),
         ] {
-            let generated: String = ddl(dialect, DEFAULT_TABLE).unwrap().iter().map(|s| format!("{s};\n")).collect();
+            let generated: String = ddl(dialect, DEFAULT_TABLE)
+                .unwrap()
+                .iter()
+                .map(|s| format!("{s};\n"))
+                .collect();
             assert_eq!(file.trim(), generated.trim(), "{dialect}");
         }
     }

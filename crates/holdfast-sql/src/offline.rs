@@ -22,7 +22,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Database, MySql, Pool, Postgres, Sqlite};
 
 use crate::error::{Result, SqlLockError};
-use crate::sql::{Clock, Dialect, SystemClock, duration_ms, is_plain_identifier, ms_to_datetime, numbered};
+use crate::sql::{
+    Clock, Dialect, SystemClock, duration_ms, is_plain_identifier, ms_to_datetime, numbered,
+};
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "holdfast_offline_locks";
@@ -69,7 +71,16 @@ pub struct OfflineLock {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-type LockRow = (String, String, String, Option<String>, i64, i64, i64, Option<i64>);
+type LockRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+);
 
 impl From<LockRow> for OfflineLock {
     fn from(r: LockRow) -> Self {
@@ -96,7 +107,11 @@ pub struct OfflineLocks<DB: Database> {
 
 impl<DB: Database> Clone for OfflineLocks<DB> {
     fn clone(&self) -> Self {
-        Self { pool: self.pool.clone(), table: self.table.clone(), clock: self.clock.clone() }
+        Self {
+            pool: self.pool.clone(),
+            table: self.table.clone(),
+            clock: self.clock.clone(),
+        }
     }
 }
 
@@ -104,7 +119,11 @@ impl<DB: Database> OfflineLocks<DB> {
     /// The table [`DEFAULT_TABLE`] in `pool`'s database, with the system clock.
     #[must_use]
     pub fn new(pool: Pool<DB>) -> Self {
-        Self { pool, table: DEFAULT_TABLE.to_owned(), clock: Arc::new(SystemClock) }
+        Self {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            clock: Arc::new(SystemClock),
+        }
     }
 
     /// Use another table name (a plain identifier of at most 48 characters).
@@ -133,7 +152,9 @@ impl<DB: Database> OfflineLocks<DB> {
     }
 
     fn check(object_type: &str, object_id: &str, holder: &str, reason: Option<&str>) -> Result<()> {
-        let bad = |what: &str, max: usize| SqlLockError::InvalidArgument(format!("{what} must be 1..={max} bytes"));
+        let bad = |what: &str, max: usize| {
+            SqlLockError::InvalidArgument(format!("{what} must be 1..={max} bytes"))
+        };
         if object_type.is_empty() || object_type.len() > 100 {
             return Err(bad("object_type", 100));
         }
@@ -409,11 +430,24 @@ mod tests {
     #[test]
     fn shipped_migrations_match_the_generated_ddl() {
         for (dialect, file) in [
-            (Dialect::Postgres, include_str!("../migrations/postgres/0001_holdfast_offline_locks.sql")),
-            (Dialect::MySql, include_str!("../migrations/mysql/0001_holdfast_offline_locks.sql")),
-            (Dialect::Sqlite, include_str!("../migrations/sqlite/0001_holdfast_offline_locks.sql")),
+            (
+                Dialect::Postgres,
+                include_str!("../migrations/postgres/0001_holdfast_offline_locks.sql"),
+            ),
+            (
+                Dialect::MySql,
+                include_str!("../migrations/mysql/0001_holdfast_offline_locks.sql"),
+            ),
+            (
+                Dialect::Sqlite,
+                include_str!("../migrations/sqlite/0001_holdfast_offline_locks.sql"),
+            ),
         ] {
-            let generated: String = ddl(dialect, DEFAULT_TABLE).unwrap().iter().map(|s| format!("{s};\n")).collect();
+            let generated: String = ddl(dialect, DEFAULT_TABLE)
+                .unwrap()
+                .iter()
+                .map(|s| format!("{s};\n"))
+                .collect();
             assert_eq!(file.trim(), generated.trim(), "{dialect}");
         }
     }

@@ -68,19 +68,27 @@ impl Versioned {
     /// `table` keyed by `key_column`, versioned by `version_column` (all plain identifiers).
     #[must_use]
     pub fn new(table: &str, key_column: &str, version_column: &str) -> Self {
-        Self { table: table.to_owned(), key_column: key_column.to_owned(), version_column: version_column.to_owned() }
+        Self {
+            table: table.to_owned(),
+            key_column: key_column.to_owned(),
+            version_column: version_column.to_owned(),
+        }
     }
 
     fn update_sql(&self, dialect: Dialect, columns: &[&str]) -> Result<String> {
         if columns.is_empty() {
-            return Err(SqlLockError::InvalidArgument("a versioned update needs at least one column".into()));
+            return Err(SqlLockError::InvalidArgument(
+                "a versioned update needs at least one column".into(),
+            ));
         }
         let version = dialect.quote(&self.version_column)?;
         let mut sets = Vec::with_capacity(columns.len() + 1);
         for (i, c) in columns.iter().enumerate() {
             let c = dialect.quote(c)?;
             if c == version {
-                return Err(SqlLockError::InvalidArgument("the version column is bumped by the update itself".into()));
+                return Err(SqlLockError::InvalidArgument(
+                    "the version column is bumped by the update itself".into(),
+                ));
             }
             sets.push(format!("{c} = {}", dialect.placeholder(i + 1)));
         }
@@ -161,9 +169,27 @@ macro_rules! optimistic_impl {
     };
 }
 
-optimistic_impl!(update_versioned_pg, current_version_pg, PgConnection, Dialect::Postgres, "PostgreSQL");
-optimistic_impl!(update_versioned_mysql, current_version_mysql, MySqlConnection, Dialect::MySql, "MySQL/MariaDB");
-optimistic_impl!(update_versioned_sqlite, current_version_sqlite, SqliteConnection, Dialect::Sqlite, "SQLite");
+optimistic_impl!(
+    update_versioned_pg,
+    current_version_pg,
+    PgConnection,
+    Dialect::Postgres,
+    "PostgreSQL"
+);
+optimistic_impl!(
+    update_versioned_mysql,
+    current_version_mysql,
+    MySqlConnection,
+    Dialect::MySql,
+    "MySQL/MariaDB"
+);
+optimistic_impl!(
+    update_versioned_sqlite,
+    current_version_sqlite,
+    SqliteConnection,
+    Dialect::Sqlite,
+    "SQLite"
+);
 
 /// Run `attempt` (given the 1-based attempt number; it should reload the row, recompute and
 /// write with a versioned update) until it does not fail with a version conflict, at most
@@ -171,7 +197,11 @@ optimistic_impl!(update_versioned_sqlite, current_version_sqlite, SqliteConnecti
 ///
 /// # Errors
 /// The last error: a version conflict if attempts ran out, or any other error at once.
-pub async fn retry_on_conflict<T, E, F, Fut>(policy: &RetryPolicy, sleeper: &dyn Sleeper, mut attempt: F) -> Result<T, E>
+pub async fn retry_on_conflict<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    sleeper: &dyn Sleeper,
+    mut attempt: F,
+) -> Result<T, E>
 where
     E: Classify,
     F: FnMut(u32) -> Fut,
@@ -187,10 +217,17 @@ where
             Ok(v) => return Ok(v),
             Err(e) if e.is_version_conflict() && n < attempts => {
                 let delay = policy.delay(n - 1, &mut rng);
-                if policy.max_total.is_some_and(|max| start.elapsed() + delay > max) {
+                if policy
+                    .max_total
+                    .is_some_and(|max| start.elapsed() + delay > max)
+                {
                     return Err(e);
                 }
-                tracing::debug!(attempt = n, ?delay, "version conflict; reloading and retrying");
+                tracing::debug!(
+                    attempt = n,
+                    ?delay,
+                    "version conflict; reloading and retrying"
+                );
                 sleeper.sleep(delay).await;
             }
             Err(e) => return Err(e),

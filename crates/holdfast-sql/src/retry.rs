@@ -58,13 +58,21 @@ impl RetryPolicy {
     /// One attempt, no sleeping.
     #[must_use]
     pub fn no_wait() -> Self {
-        Self { attempts: 1, initial_delay: Duration::ZERO, ..Self::default() }
+        Self {
+            attempts: 1,
+            initial_delay: Duration::ZERO,
+            ..Self::default()
+        }
     }
 
     /// `attempts` attempts starting at `initial_delay`, doubling, capped at 5 min, full jitter.
     #[must_use]
     pub fn new(attempts: u32, initial_delay: Duration) -> Self {
-        Self { attempts, initial_delay, ..Self::default() }
+        Self {
+            attempts,
+            initial_delay,
+            ..Self::default()
+        }
     }
 
     /// The default for database transactions (deadlocks and serialization failures resolve in
@@ -97,7 +105,11 @@ impl RetryPolicy {
     /// Attempts actually made at most: 1 in no-wait mode, else `attempts` (at least 1).
     #[must_use]
     pub fn effective_attempts(&self) -> u32 {
-        if self.initial_delay.is_zero() { 1 } else { self.attempts.max(1) }
+        if self.initial_delay.is_zero() {
+            1
+        } else {
+            self.attempts.max(1)
+        }
     }
 
     /// The ceiling of the delay after failed attempt number `retry + 1`:
@@ -105,10 +117,17 @@ impl RetryPolicy {
     #[must_use]
     pub fn ceiling(&self, retry: u32) -> Duration {
         let initial = self.initial_delay.as_secs_f64();
-        let factor = self.multiplier.max(1.0).powi(i32::try_from(retry).unwrap_or(i32::MAX));
+        let factor = self
+            .multiplier
+            .max(1.0)
+            .powi(i32::try_from(retry).unwrap_or(i32::MAX));
         let secs = initial * factor;
         let cap = self.max_delay.max(self.initial_delay);
-        if !secs.is_finite() || secs >= cap.as_secs_f64() { cap } else { Duration::from_secs_f64(secs) }
+        if !secs.is_finite() || secs >= cap.as_secs_f64() {
+            cap
+        } else {
+            Duration::from_secs_f64(secs)
+        }
     }
 
     /// The delay to sleep after failed attempt number `retry + 1`, drawn from `rng`.
@@ -215,20 +234,39 @@ where
         match attempt(n).await {
             Ok(value) => return Ok(value),
             Err(AttemptOutcome::Fatal(error)) => {
-                return Err(RetryFailure { error, attempts: n, exhausted: false, elapsed: start.elapsed() });
+                return Err(RetryFailure {
+                    error,
+                    attempts: n,
+                    exhausted: false,
+                    elapsed: start.elapsed(),
+                });
             }
             Err(AttemptOutcome::Retry(error)) => {
                 let elapsed = start.elapsed();
                 if n >= attempts {
-                    return Err(RetryFailure { error, attempts: n, exhausted: true, elapsed });
+                    return Err(RetryFailure {
+                        error,
+                        attempts: n,
+                        exhausted: true,
+                        elapsed,
+                    });
                 }
                 let delay = policy.delay(n - 1, rng);
                 if let Some(max_total) = policy.max_total
                     && elapsed + delay > max_total
                 {
-                    return Err(RetryFailure { error, attempts: n, exhausted: true, elapsed });
+                    return Err(RetryFailure {
+                        error,
+                        attempts: n,
+                        exhausted: true,
+                        elapsed,
+                    });
                 }
-                on_retry(RetryStep { attempt: n, attempts, delay });
+                on_retry(RetryStep {
+                    attempt: n,
+                    attempts,
+                    delay,
+                });
                 sleeper.sleep(delay).await;
                 n += 1;
             }
@@ -252,11 +290,20 @@ mod tests {
         }
     }
 
-    async fn always_retry(policy: &RetryPolicy, seed: u64) -> (Vec<Duration>, RetryFailure<&'static str>) {
+    async fn always_retry(
+        policy: &RetryPolicy,
+        seed: u64,
+    ) -> (Vec<Duration>, RetryFailure<&'static str>) {
         let sleeper = RecordingSleeper::default();
         let mut rng = make_rng(Some(seed));
-        let r: Result<(), _> =
-            retry(policy, &sleeper, &mut rng, |_| async { Err(AttemptOutcome::Retry("busy")) }, |_| {}).await;
+        let r: Result<(), _> = retry(
+            policy,
+            &sleeper,
+            &mut rng,
+            |_| async { Err(AttemptOutcome::Retry("busy")) },
+            |_| {},
+        )
+        .await;
         let sleeps = sleeper.0.lock().unwrap().clone();
         (sleeps, r.unwrap_err())
     }
@@ -276,7 +323,10 @@ mod tests {
 
     #[tokio::test]
     async fn without_jitter_delays_are_the_ceilings() {
-        let p = RetryPolicy { jitter: Jitter::None, ..RetryPolicy::new(5, Duration::from_millis(10)) };
+        let p = RetryPolicy {
+            jitter: Jitter::None,
+            ..RetryPolicy::new(5, Duration::from_millis(10))
+        };
         let (sleeps, f) = always_retry(&p, 1).await;
         assert_eq!(f.attempts, 5);
         assert!(f.exhausted);
@@ -320,8 +370,14 @@ mod tests {
             ..RetryPolicy::new(100, Duration::from_millis(40))
         };
         let mut rng = make_rng(Some(1));
-        let r: Result<(), _> =
-            retry(&p, &TokioSleeper, &mut rng, |_| async { Err(AttemptOutcome::Retry("busy")) }, |_| {}).await;
+        let r: Result<(), _> = retry(
+            &p,
+            &TokioSleeper,
+            &mut rng,
+            |_| async { Err(AttemptOutcome::Retry("busy")) },
+            |_| {},
+        )
+        .await;
         let f = r.unwrap_err();
         // 40 ms, then 80 ms would end at 120 ms > 100 ms: stop after attempt 2.
         assert_eq!(f.attempts, 2);
@@ -337,13 +393,25 @@ mod tests {
             &p,
             &sleeper,
             &mut rng,
-            |n| async move { if n < 3 { Err(AttemptOutcome::Retry("busy")) } else { Ok(n) } },
+            |n| async move {
+                if n < 3 {
+                    Err(AttemptOutcome::Retry("busy"))
+                } else {
+                    Ok(n)
+                }
+            },
             |_| {},
         )
         .await;
         assert_eq!(r.unwrap(), 3);
-        let r: Result<(), _> =
-            retry(&p, &sleeper, &mut rng, |_| async { Err(AttemptOutcome::Fatal("no")) }, |_| {}).await;
+        let r: Result<(), _> = retry(
+            &p,
+            &sleeper,
+            &mut rng,
+            |_| async { Err(AttemptOutcome::Fatal("no")) },
+            |_| {},
+        )
+        .await;
         let f = r.unwrap_err();
         assert_eq!((f.attempts, f.exhausted, f.error), (1, false, "no"));
     }

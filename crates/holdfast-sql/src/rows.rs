@@ -106,7 +106,12 @@ impl RowLock {
     /// `FOR UPDATE`, waiting.
     #[must_use]
     pub fn new(table: &str, key_column: &str) -> Self {
-        Self { table: table.to_owned(), key_column: key_column.to_owned(), mode: RowLockMode::Update, wait: RowLockWait::Wait }
+        Self {
+            table: table.to_owned(),
+            key_column: key_column.to_owned(),
+            mode: RowLockMode::Update,
+            wait: RowLockWait::Wait,
+        }
     }
     /// Builder: shared locks.
     #[must_use]
@@ -148,7 +153,10 @@ impl RowLock {
     fn statement(&self, dialect: Dialect, mariadb: bool) -> Result<String> {
         let table = dialect.quote(&self.table)?;
         let column = dialect.quote(&self.key_column)?;
-        let mut sql = format!("SELECT 1 FROM {table} WHERE {column} = {}", dialect.placeholder(1));
+        let mut sql = format!(
+            "SELECT 1 FROM {table} WHERE {column} = {}",
+            dialect.placeholder(1)
+        );
         sql.push_str(match (self.mode, mariadb) {
             (RowLockMode::Update, _) => " FOR UPDATE",
             (RowLockMode::Share, true) => " LOCK IN SHARE MODE",
@@ -164,9 +172,12 @@ impl RowLock {
 
     fn refused(&self, keys: usize, e: sqlx::Error) -> SqlLockError {
         match classify_sqlx(&e) {
-            Some(conflict) if conflict.is_lock_refusal() => {
-                SqlLockError::RowsLocked { table: self.table.clone(), keys, conflict, source: e }
-            }
+            Some(conflict) if conflict.is_lock_refusal() => SqlLockError::RowsLocked {
+                table: self.table.clone(),
+                keys,
+                conflict,
+                source: e,
+            },
             _ => SqlLockError::Sql(e),
         }
     }
@@ -304,17 +315,36 @@ mod tests {
 
     #[test]
     fn keys_are_sorted_and_deduplicated() {
-        assert_eq!(sorted_keys([3i64, 1, 2, 3]), vec![RowKey::Int(1), RowKey::Int(2), RowKey::Int(3)]);
-        assert_eq!(sorted_keys(["b", "a"]), vec![RowKey::from("a"), RowKey::from("b")]);
+        assert_eq!(
+            sorted_keys([3i64, 1, 2, 3]),
+            vec![RowKey::Int(1), RowKey::Int(2), RowKey::Int(3)]
+        );
+        assert_eq!(
+            sorted_keys(["b", "a"]),
+            vec![RowKey::from("a"), RowKey::from("b")]
+        );
     }
 
     #[test]
     fn statements() {
         let s = RowLock::new("stock", "id").nowait();
-        assert_eq!(s.statement(Dialect::Postgres, false).unwrap(), "SELECT 1 FROM \"stock\" WHERE \"id\" = $1 FOR UPDATE NOWAIT");
+        assert_eq!(
+            s.statement(Dialect::Postgres, false).unwrap(),
+            "SELECT 1 FROM \"stock\" WHERE \"id\" = $1 FOR UPDATE NOWAIT"
+        );
         let s = RowLock::new("stock", "id").share().skip_locked();
-        assert_eq!(s.statement(Dialect::MySql, true).unwrap(), "SELECT 1 FROM `stock` WHERE `id` = ? LOCK IN SHARE MODE SKIP LOCKED");
-        assert_eq!(s.statement(Dialect::MySql, false).unwrap(), "SELECT 1 FROM `stock` WHERE `id` = ? FOR SHARE SKIP LOCKED");
-        assert!(RowLock::new("stock; drop", "id").statement(Dialect::Postgres, false).is_err());
+        assert_eq!(
+            s.statement(Dialect::MySql, true).unwrap(),
+            "SELECT 1 FROM `stock` WHERE `id` = ? LOCK IN SHARE MODE SKIP LOCKED"
+        );
+        assert_eq!(
+            s.statement(Dialect::MySql, false).unwrap(),
+            "SELECT 1 FROM `stock` WHERE `id` = ? FOR SHARE SKIP LOCKED"
+        );
+        assert!(
+            RowLock::new("stock; drop", "id")
+                .statement(Dialect::Postgres, false)
+                .is_err()
+        );
     }
 }

@@ -191,7 +191,10 @@ mod numbered_tests {
 
     #[test]
     fn numbers_placeholders_for_postgres_only() {
-        assert_eq!(numbered(Dialect::Postgres, "a = ? AND b = ?"), "a = $1 AND b = $2");
+        assert_eq!(
+            numbered(Dialect::Postgres, "a = ? AND b = ?"),
+            "a = $1 AND b = $2"
+        );
         assert_eq!(numbered(Dialect::MySql, "a = ?"), "a = ?");
         assert_eq!(random_token().len(), 32);
     }

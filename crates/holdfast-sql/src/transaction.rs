@@ -22,7 +22,9 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
-use sqlx::{AssertSqlSafe, Connection, Database, Executor, MySql, Pool, Postgres, Sqlite, Transaction};
+use sqlx::{
+    AssertSqlSafe, Connection, Database, Executor, MySql, Pool, Postgres, Sqlite, Transaction,
+};
 
 use crate::classify::{Classify, Conflict, classify_sqlx};
 use crate::error::SqlLockError;
@@ -238,7 +240,14 @@ impl TxMetrics {
     fn record(&self, report: &TxReport) {
         let add = |a: &AtomicU64, n: u64| a.fetch_add(n, Ordering::Relaxed);
         add(&self.transactions, 1);
-        add(if report.committed { &self.committed } else { &self.failed }, 1);
+        add(
+            if report.committed {
+                &self.committed
+            } else {
+                &self.failed
+            },
+            1,
+        );
         add(&self.attempts, u64::from(report.attempts));
         add(&self.retries, u64::from(report.attempts.saturating_sub(1)));
         for c in &report.conflicts {
@@ -309,7 +318,10 @@ impl TxBackend for Postgres {
             let mut tx = conn.begin_with(AssertSqlSafe(begin)).await?;
             if let Some(t) = timeout {
                 let ms = t.as_millis().max(1).to_string();
-                sqlx::query("SELECT set_config('statement_timeout', $1, true)").bind(ms).execute(&mut *tx).await?;
+                sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+                    .bind(ms)
+                    .execute(&mut *tx)
+                    .await?;
             }
             Ok(tx)
         })
@@ -326,9 +338,17 @@ impl TxBackend for MySql {
         Box::pin(async move {
             if let Some(level) = isolation {
                 // Applies to the next transaction of this session only.
-                conn.execute(AssertSqlSafe(format!("SET TRANSACTION ISOLATION LEVEL {}", level.as_sql()))).await?;
+                conn.execute(AssertSqlSafe(format!(
+                    "SET TRANSACTION ISOLATION LEVEL {}",
+                    level.as_sql()
+                )))
+                .await?;
             }
-            if read_only { conn.begin_with("START TRANSACTION READ ONLY").await } else { conn.begin().await }
+            if read_only {
+                conn.begin_with("START TRANSACTION READ ONLY").await
+            } else {
+                conn.begin().await
+            }
         })
     }
 }
@@ -339,7 +359,13 @@ impl TxBackend for Sqlite {
         opts: &TxOptions,
     ) -> BoxFuture<'c, Result<Transaction<'c, Self>, sqlx::Error>> {
         let immediate = opts.sqlite_immediate;
-        Box::pin(async move { if immediate { conn.begin_with("BEGIN IMMEDIATE").await } else { conn.begin().await } })
+        Box::pin(async move {
+            if immediate {
+                conn.begin_with("BEGIN IMMEDIATE").await
+            } else {
+                conn.begin().await
+            }
+        })
     }
 }
 
@@ -362,7 +388,11 @@ where
 }
 
 /// [`transaction`], also returning what happened (attempts, conflicts, duration).
-pub async fn transaction_with_report<DB, T, E, F>(pool: &Pool<DB>, opts: &TxOptions, mut body: F) -> (Result<T, E>, TxReport)
+pub async fn transaction_with_report<DB, T, E, F>(
+    pool: &Pool<DB>,
+    opts: &TxOptions,
+    mut body: F,
+) -> (Result<T, E>, TxReport)
 where
     DB: TxBackend,
     T: Send,
@@ -390,22 +420,44 @@ where
             }
             Err(Failure::Error(e)) => e,
         };
-        let Some(conflict) = error.conflict() else { break Err(error) };
+        let Some(conflict) = error.conflict() else {
+            break Err(error);
+        };
         report.conflicts.push(conflict);
         if !opts.retries(conflict) {
             break Err(error);
         }
         let elapsed = start.elapsed();
         if n >= attempts {
-            tracing::warn!(attempts = n, ?elapsed, conflict = conflict.as_str(), "transaction gave up: attempts exhausted");
+            tracing::warn!(
+                attempts = n,
+                ?elapsed,
+                conflict = conflict.as_str(),
+                "transaction gave up: attempts exhausted"
+            );
             break Err(error);
         }
         let delay = opts.retry.delay(n - 1, &mut rng);
-        if opts.retry.max_total.is_some_and(|max| elapsed + delay > max) {
-            tracing::warn!(attempts = n, ?elapsed, conflict = conflict.as_str(), "transaction gave up: total time exhausted");
+        if opts
+            .retry
+            .max_total
+            .is_some_and(|max| elapsed + delay > max)
+        {
+            tracing::warn!(
+                attempts = n,
+                ?elapsed,
+                conflict = conflict.as_str(),
+                "transaction gave up: total time exhausted"
+            );
             break Err(error);
         }
-        tracing::debug!(attempt = n, attempts, ?delay, conflict = conflict.as_str(), "transaction conflict; retrying");
+        tracing::debug!(
+            attempt = n,
+            attempts,
+            ?delay,
+            conflict = conflict.as_str(),
+            "transaction conflict; retrying"
+        );
         opts.sleeper.sleep(delay).await;
     };
     finish(opts, &mut report, start, result.is_ok());
@@ -426,7 +478,11 @@ enum Failure<E> {
     Panic(Box<dyn std::any::Any + Send>),
 }
 
-async fn attempt<DB, T, E, F>(pool: &Pool<DB>, opts: &TxOptions, body: &mut F) -> Result<T, Failure<E>>
+async fn attempt<DB, T, E, F>(
+    pool: &Pool<DB>,
+    opts: &TxOptions,
+    body: &mut F,
+) -> Result<T, Failure<E>>
 where
     DB: TxBackend,
     E: From<SqlLockError> + Classify,
@@ -454,7 +510,9 @@ where
             // The statement in flight may still be waiting inside the server: bound the rollback,
             // and if it does not finish, close the connection (the server then aborts the
             // transaction) instead of returning it to the pool.
-            let ok = tokio::time::timeout(Duration::from_secs(1), tx.rollback()).await.is_ok_and(|r| r.is_ok());
+            let ok = tokio::time::timeout(Duration::from_secs(1), tx.rollback())
+                .await
+                .is_ok_and(|r| r.is_ok());
             if !ok {
                 conn.close_on_drop();
             }
@@ -491,21 +549,30 @@ async fn rollback_or_discard<DB: Database>(tx: Transaction<'_, DB>) {
 ///
 /// # Errors
 /// `body`'s error, or a savepoint statement's error.
-pub async fn savepoint<DB, T, E, F>(conn: &mut <DB as Database>::Connection, body: F) -> Result<T, E>
+pub async fn savepoint<DB, T, E, F>(
+    conn: &mut <DB as Database>::Connection,
+    body: F,
+) -> Result<T, E>
 where
     DB: Database,
     E: From<SqlLockError>,
     F: for<'c> FnOnce(&'c mut <DB as Database>::Connection) -> BoxFuture<'c, Result<T, E>>,
 {
-    let mut sp = Connection::begin(conn).await.map_err(|e| E::from(SqlLockError::Sql(e)))?;
+    let mut sp = Connection::begin(conn)
+        .await
+        .map_err(|e| E::from(SqlLockError::Sql(e)))?;
     let outcome = AssertUnwindSafe(body(&mut sp)).catch_unwind().await;
     match outcome {
         Ok(Ok(v)) => {
-            sp.commit().await.map_err(|e| E::from(SqlLockError::Sql(e)))?;
+            sp.commit()
+                .await
+                .map_err(|e| E::from(SqlLockError::Sql(e)))?;
             Ok(v)
         }
         Ok(Err(e)) => {
-            sp.rollback().await.map_err(|e| E::from(SqlLockError::Sql(e)))?;
+            sp.rollback()
+                .await
+                .map_err(|e| E::from(SqlLockError::Sql(e)))?;
             Err(e)
         }
         Err(payload) => {

@@ -21,18 +21,29 @@ pub const MYSQL_DEFAULT: &str = "mysql://root@127.0.0.1:3306/test";
 pub fn unavailable(test: &str, what: &str, url: &str, error: &dyn std::fmt::Display) {
     let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
     let msg = format!("{what} at {url} is unreachable: {error}");
-    assert!(!ci, "{test}: {msg} (CI=true: a missing database is a failure)");
+    assert!(
+        !ci,
+        "{test}: {msg} (CI=true: a missing database is a failure)"
+    );
     eprintln!("skipped: {test}: {msg}");
 }
 
 fn url(var: &str, default: &str) -> String {
-    std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
 }
 
 /// A PostgreSQL pool of `max` connections, or `None` (after skipping) if unreachable.
 pub async fn pg(test: &str, max: u32) -> Option<PgPool> {
     let url = url("HOLDFAST_TEST_POSTGRES_URL", PG_DEFAULT);
-    match PgPoolOptions::new().max_connections(max).acquire_timeout(Duration::from_secs(30)).connect(&url).await {
+    match PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(&url)
+        .await
+    {
         Ok(p) => Some(p),
         Err(e) => {
             unavailable(test, "PostgreSQL", &url, &e);
@@ -44,7 +55,12 @@ pub async fn pg(test: &str, max: u32) -> Option<PgPool> {
 /// A MySQL/MariaDB pool of `max` connections, or `None` (after skipping) if unreachable.
 pub async fn mysql(test: &str, max: u32) -> Option<MySqlPool> {
     let url = url("HOLDFAST_TEST_MYSQL_URL", MYSQL_DEFAULT);
-    match MySqlPoolOptions::new().max_connections(max).acquire_timeout(Duration::from_secs(30)).connect(&url).await {
+    match MySqlPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(&url)
+        .await
+    {
         Ok(p) => Some(p),
         Err(e) => {
             unavailable(test, "MySQL/MariaDB", &url, &e);

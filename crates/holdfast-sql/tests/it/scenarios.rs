@@ -875,12 +875,19 @@ mod pg_support {
     use sqlx::{PgConnection, PgPool};
 
     pub async fn kill(pool: &PgPool, pid: i64) {
-        let (ok,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1::int)").bind(pid).fetch_one(pool).await.unwrap();
+        let (ok,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1::int)")
+            .bind(pid)
+            .fetch_one(pool)
+            .await
+            .unwrap();
         assert!(ok);
     }
 
     pub async fn session_id(conn: &mut PgConnection) -> i64 {
-        let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()").fetch_one(conn).await.unwrap();
+        let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+            .fetch_one(conn)
+            .await
+            .unwrap();
         i64::from(pid)
     }
 }
@@ -889,11 +896,17 @@ mod mysql_support {
     use sqlx::{AssertSqlSafe, MySqlConnection, MySqlPool};
 
     pub async fn kill(pool: &MySqlPool, id: i64) {
-        sqlx::raw_sql(AssertSqlSafe(format!("KILL {id}"))).execute(pool).await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(format!("KILL {id}")))
+            .execute(pool)
+            .await
+            .unwrap();
     }
 
     pub async fn session_id(conn: &mut MySqlConnection) -> i64 {
-        let (id,): (i64,) = sqlx::query_as("SELECT CAST(CONNECTION_ID() AS SIGNED)").fetch_one(conn).await.unwrap();
+        let (id,): (i64,) = sqlx::query_as("SELECT CAST(CONNECTION_ID() AS SIGNED)")
+            .fetch_one(conn)
+            .await
+            .unwrap();
         id
     }
 }
