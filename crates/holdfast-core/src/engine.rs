@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use crate::error::{LockError, RestoreError};
 use crate::idempotency::{IdemEntry, IdemWaiter};
 use crate::keys::{Family, KeyState, LockWaiter, Usage, WaitTarget};
-use crate::leases::{HeldLock, Lease};
+use crate::leases::{HeldLock, Lease, LeaseExtra};
 use crate::limits::Limits;
 use crate::types::{
     AcquireOutcome, AcquireRequest, ChangeSet, DurableState, Event, EventKind, FencingCheck, Grant,
@@ -277,7 +277,7 @@ impl Engine {
         let now = self.advance(now_ms);
         validate::admin_reason(reason)?;
         let holders = match self.keys.get(key) {
-            Some(ks) if !ks.holders.is_empty() => ks.holders.clone(),
+            Some(ks) if !ks.holders.is_empty() => ks.holders.as_slice().to_vec(),
             _ => {
                 return Err(LockError::LockNotFound {
                     key: key.to_owned(),
@@ -539,7 +539,7 @@ pub(crate) fn holder_summary(lease: &Lease, held: &HeldLock) -> HolderSummary {
         kind: held.kind,
         since_ms: held.acquired_at_ms,
         expires_at_ms: lease.expires_at_ms,
-        reason: lease.reason.as_deref().map(str::to_owned),
+        reason: lease.reason().map(str::to_owned),
         fencing_token: held.fencing_token,
         count: held.count,
     }
@@ -589,7 +589,7 @@ impl Engine {
                     {
                         ks.delayed_until_ms = None;
                         self.dirty.lock_delays.insert(key.clone());
-                        self.worklist.push(key.clone());
+                        self.wake(&key);
                         self.gc_key(&key);
                     }
                 }
@@ -631,7 +631,7 @@ impl Engine {
         at_ms: TimeMs,
         kind: EventKind,
         key: Option<&str>,
-        holder: &str,
+        holder: impl Into<String>,
         lock_kind: Option<LockKind>,
         fencing_token: Option<u64>,
         held_ms: Option<u64>,
@@ -644,7 +644,7 @@ impl Engine {
             at_ms,
             kind,
             key: key.map(str::to_owned),
-            holder: holder.to_owned(),
+            holder: holder.into(),
             lock_kind,
             fencing_token,
             held_ms,
@@ -677,7 +677,7 @@ impl Engine {
     /// What the queued requests ahead of `before` (all of them if `None`) need on a key.
     fn queue_usage(&self, ks: &KeyState, key: &str, before: Option<WaiterId>) -> Usage {
         let mut u = Usage::default();
-        for w in &ks.queue {
+        for w in ks.queue.iter() {
             if before.is_some_and(|b| *w >= b) {
                 break;
             }
@@ -757,9 +757,9 @@ impl Engine {
         locks.iter().find_map(|spec| {
             let ks = self.keys.get(spec.key.as_str())?;
             ks.holders.iter().copied().find(|id| {
-                self.leases.get(id).is_some_and(|l| {
-                    *l.holder == *nl.holder && l.owner.as_deref() == nl.owner.as_deref()
-                })
+                self.leases
+                    .get(id)
+                    .is_some_and(|l| *l.holder == *nl.holder && l.owner() == nl.owner.as_deref())
             })
         })
     }
@@ -955,12 +955,15 @@ impl Engine {
                 ttl_ms: nl.ttl_ms,
                 expires_at_ms,
                 created_at_ms: t,
-                reason: nl.reason.as_deref().map(Into::into),
-                metadata: nl.metadata.as_deref().map(Into::into),
-                owner: nl.owner.as_deref().map(Into::into),
                 locks: Vec::new(),
                 pending: None,
-                executing,
+                extra: LeaseExtra {
+                    reason: nl.reason.as_deref().map(Into::into),
+                    metadata: nl.metadata.as_deref().map(Into::into),
+                    owner: nl.owner.as_deref().map(Into::into),
+                    executing,
+                }
+                .boxed(),
             },
         );
         self.lease_timers.insert((expires_at_ms, nl.lease_id));
@@ -991,7 +994,7 @@ impl Engine {
             if let Some(r) = reason
                 && let Some(l) = self.leases.get_mut(&id)
             {
-                l.reason = Some(r.into());
+                l.set_reason(Some(r.into()));
             }
         }
         let waited_ms = since.map(|s| t.saturating_sub(s));
@@ -1037,7 +1040,7 @@ impl Engine {
                     if let Some(ks) = self.keys.get_mut(spec.key.as_str()) {
                         ks.held.sub(LockKind::Shared);
                         ks.held.add(LockKind::Exclusive);
-                        ks.holders.retain(|x| *x != id);
+                        ks.holders.remove(id);
                         ks.holders.push(id);
                     }
                 }
@@ -1054,30 +1057,35 @@ impl Engine {
                 };
                 self.fencing_next += 1;
                 let view = h.view();
-                lease.locks.insert(i, h);
-                let family = Family::of(spec.kind);
-                let ks = self
-                    .keys
-                    .entry(spec.key.as_str().into())
-                    .or_insert_with(|| KeyState::new(family));
-                if !ks.in_use() {
-                    ks.family = family;
+                if lease.locks.capacity() == 0 {
+                    // Most leases hold one lock: no spare capacity.
+                    lease.locks.reserve_exact(1);
                 }
-                ks.holders.push(id);
-                ks.held.add(spec.kind);
-                if ks.holders.len() == 1 {
-                    self.held_keys += 1;
+                let family = Family::of(spec.kind);
+                if !self.keys.contains_key(&*h.key) {
+                    self.keys.insert(h.key.clone(), KeyState::new(family));
+                }
+                lease.locks.insert(i, h);
+                if let Some(ks) = self.keys.get_mut(spec.key.as_str()) {
+                    if !ks.in_use() {
+                        ks.family = family;
+                    }
+                    ks.holders.push(id);
+                    ks.held.add(spec.kind);
+                    if ks.holders.len() == 1 {
+                        self.held_keys += 1;
+                    }
                 }
                 view
             }
         };
-        let holder = lease.holder.to_string();
+        let holder = String::from(&*lease.holder);
         self.counters.grants += 1;
         self.emit(
             t,
             EventKind::Granted,
             Some(&spec.key),
-            &holder,
+            holder,
             Some(view.kind),
             Some(view.fencing_token),
             None,
@@ -1118,7 +1126,7 @@ impl Engine {
             return;
         }
         let mut ahead = Usage::default();
-        for &w in &ks.queue {
+        for &w in ks.queue.iter() {
             let Some(waiter) = self.waiters.get(&w) else {
                 continue;
             };
@@ -1167,7 +1175,7 @@ impl Engine {
                 Err(e) => {
                     // Nothing was granted: the requests behind it may now go.
                     for spec in &waiter.locks {
-                        self.worklist.push(spec.key.as_str().into());
+                        self.wake(&spec.key);
                         self.gc_key(&spec.key);
                     }
                     WaitOutcome::Failed(e)
@@ -1180,7 +1188,7 @@ impl Engine {
     pub(crate) fn remove_waiter(&mut self, w: WaiterId) -> Option<LockWaiter> {
         let waiter = self.remove_waiter_quietly(w)?;
         for spec in &waiter.locks {
-            self.worklist.push(spec.key.as_str().into());
+            self.wake(&spec.key);
             self.gc_key(&spec.key);
         }
         Some(waiter)
@@ -1266,9 +1274,8 @@ impl Engine {
     /// Remove a lease from a key's holders.
     fn unhold(&mut self, id: LeaseId, held: &HeldLock) {
         if let Some(ks) = self.keys.get_mut(&held.key)
-            && let Some(pos) = ks.holders.iter().position(|x| *x == id)
+            && ks.holders.remove(id)
         {
-            ks.holders.remove(pos);
             ks.held.sub(held.kind);
             if ks.holders.is_empty() {
                 self.held_keys -= 1;
@@ -1301,8 +1308,15 @@ impl Engine {
         if !matches!(how, Removal::Released) && held.lock_delay_ms > 0 {
             self.set_delay(&held.key, t.saturating_add(held.lock_delay_ms));
         }
-        self.worklist.push(held.key.clone());
+        self.wake(&held.key);
         self.gc_key(&held.key);
+    }
+
+    /// Re-examine a key's queue at the next grant pass (if it has one).
+    pub(crate) fn wake(&mut self, key: &str) {
+        if self.keys.get(key).is_some_and(|ks| !ks.queue.is_empty()) {
+            self.worklist.push(key.into());
+        }
     }
 
     fn set_delay(&mut self, key: &str, until: TimeMs) {
@@ -1359,7 +1373,7 @@ impl Engine {
                 WaitOutcome::Failed(LockError::LeaseNotFound { lease_id: id }),
             );
         }
-        if let Some(key) = &lease.executing {
+        if let Some(key) = lease.executing() {
             self.idem_executor_gone(key, id, t);
         }
         Some(lease)

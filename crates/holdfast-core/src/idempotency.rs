@@ -151,7 +151,7 @@ impl Engine {
         self.idem_timers.insert((expires_at_ms, key.into()));
         self.dirty.idempotency.insert(key.into());
         if let Some(l) = self.leases.get_mut(&lease_id) {
-            l.executing = None;
+            l.set_executing(None);
         }
         self.remove_lease(lease_id, now, &Removal::Released);
         for w in waiters {
@@ -174,7 +174,7 @@ impl Engine {
     ) -> Result<(), LockError> {
         self.executing_entry(key, lease_id)?;
         if let Some(l) = self.leases.get_mut(&lease_id) {
-            l.executing = None;
+            l.set_executing(None);
         }
         self.idem_executor_gone(key, lease_id, now);
         self.remove_lease(lease_id, now, &Removal::Released);

@@ -82,7 +82,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
                 "lease {id} pending waiter {w:?} is for another lease"
             );
         }
-        if let Some(k) = &lease.executing {
+        if let Some(k) = lease.executing() {
             let entry = e
                 .idem
                 .get(k)
@@ -111,7 +111,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
         }
         let mut usage = Usage::default();
         let mut last_token = 0u64;
-        for id in &ks.holders {
+        for id in ks.holders.iter() {
             let lease = e
                 .leases
                 .get(id)
@@ -163,7 +163,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             );
         }
         let mut last = None;
-        for w in &ks.queue {
+        for w in ks.queue.iter() {
             ensure!(last < Some(*w), "key {key} queue not in arrival order");
             last = Some(*w);
             let waiter = e
@@ -209,7 +209,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
                 .get(spec.key.as_str())
                 .ok_or_else(|| format!("waiter {w:?} key {} missing", spec.key))?;
             ensure!(
-                ks.queue.binary_search(w).is_ok(),
+                ks.queue.contains(*w),
                 "waiter {w:?} not in the queue of {}",
                 spec.key
             );
@@ -272,7 +272,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
                     .get(lease_id)
                     .ok_or_else(|| format!("record {key} executor lease missing"))?;
                 ensure!(
-                    lease.executing.as_deref() == Some(&**key),
+                    lease.executing() == Some(&**key),
                     "record {key} executor lease does not point back"
                 );
             }

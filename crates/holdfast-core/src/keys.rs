@@ -83,16 +83,122 @@ pub(crate) fn conflicts(a: LockKind, b: LockKind) -> bool {
     )
 }
 
+/// The leases holding a key, in grant order. Most keys have one holder: kept inline.
+#[derive(Clone, Debug, Default)]
+pub(crate) enum Holders {
+    #[default]
+    None,
+    One(LeaseId),
+    Many(Vec<LeaseId>),
+}
+
+impl Holders {
+    pub fn as_slice(&self) -> &[LeaseId] {
+        match self {
+            Holders::None => &[],
+            Holders::One(id) => std::slice::from_ref(id),
+            Holders::Many(v) => v,
+        }
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, LeaseId> {
+        self.as_slice().iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    pub fn push(&mut self, id: LeaseId) {
+        *self = match std::mem::take(self) {
+            Holders::None => Holders::One(id),
+            Holders::One(a) => Holders::Many(vec![a, id]),
+            Holders::Many(mut v) => {
+                v.push(id);
+                Holders::Many(v)
+            }
+        };
+    }
+
+    /// Remove `id`; false if it was not a holder.
+    pub fn remove(&mut self, id: LeaseId) -> bool {
+        match self {
+            Holders::None => false,
+            Holders::One(a) => {
+                let found = *a == id;
+                if found {
+                    *self = Holders::None;
+                }
+                found
+            }
+            Holders::Many(v) => {
+                let Some(pos) = v.iter().position(|x| *x == id) else {
+                    return false;
+                };
+                v.remove(pos);
+                if v.len() == 1 {
+                    *self = Holders::One(v[0]);
+                }
+                true
+            }
+        }
+    }
+}
+
+static EMPTY_QUEUE: VecDeque<WaiterId> = VecDeque::new();
+
+/// A key's wait queue in arrival order (ascending id). Boxed: most keys never queue.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Queue(Option<Box<VecDeque<WaiterId>>>);
+
+impl Queue {
+    pub fn iter(&self) -> std::collections::vec_deque::Iter<'_, WaiterId> {
+        self.0.as_deref().unwrap_or(&EMPTY_QUEUE).iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Append (ids are issued in increasing order, so the queue stays sorted).
+    pub fn push_back(&mut self, w: WaiterId) {
+        self.0.get_or_insert_with(Box::default).push_back(w);
+    }
+
+    pub fn contains(&self, w: WaiterId) -> bool {
+        self.0.as_ref().is_some_and(|q| q.binary_search(&w).is_ok())
+    }
+
+    pub fn remove(&mut self, w: WaiterId) {
+        if let Some(q) = &mut self.0 {
+            if let Ok(i) = q.binary_search(&w) {
+                q.remove(i);
+            }
+            if q.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
 /// One key in use.
 #[derive(Clone, Debug)]
 pub(crate) struct KeyState {
     pub family: Family,
-    /// Holding leases in grant order (ascending fencing token).
-    pub holders: Vec<LeaseId>,
     /// What the holders use together.
     pub held: Usage,
+    /// Holding leases in grant order (ascending fencing token).
+    pub holders: Holders,
     /// Queued lock requests naming this key, in arrival order (ascending id).
-    pub queue: VecDeque<WaiterId>,
+    pub queue: Queue,
     /// Lock-delay: no new grants before this time.
     pub delayed_until_ms: Option<TimeMs>,
 }
@@ -101,9 +207,9 @@ impl KeyState {
     pub fn new(family: Family) -> Self {
         KeyState {
             family,
-            holders: Vec::with_capacity(1),
+            holders: Holders::None,
             held: Usage::default(),
-            queue: VecDeque::new(),
+            queue: Queue::default(),
             delayed_until_ms: None,
         }
     }
@@ -124,9 +230,7 @@ impl KeyState {
     }
 
     pub fn remove_waiter(&mut self, w: WaiterId) {
-        if let Ok(i) = self.queue.binary_search(&w) {
-            self.queue.remove(i);
-        }
+        self.queue.remove(w);
     }
 }
 

@@ -49,18 +49,62 @@ pub(crate) struct Lease {
     pub ttl_ms: u64,
     pub expires_at_ms: TimeMs,
     pub created_at_ms: TimeMs,
-    pub reason: Option<Box<str>>,
-    pub metadata: Option<Box<str>>,
-    pub owner: Option<Box<str>>,
     /// Held locks, sorted by key (binary search; listings need key order anyway).
     pub locks: Vec<HeldLock>,
     /// The lease's one queued lock request (incremental or reentrant join), if any.
     pub pending: Option<WaiterId>,
+    /// Rarely set fields, boxed so a plain lease stays small.
+    pub extra: Option<Box<LeaseExtra>>,
+}
+
+/// The optional parts of a lease.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LeaseExtra {
+    pub reason: Option<Box<str>>,
+    pub metadata: Option<Box<str>>,
+    pub owner: Option<Box<str>>,
     /// The idempotency record this lease is executing, if any.
     pub executing: Option<Box<str>>,
 }
 
+impl LeaseExtra {
+    /// `None` if every field is empty.
+    pub fn boxed(self) -> Option<Box<LeaseExtra>> {
+        (self != LeaseExtra::default()).then(|| Box::new(self))
+    }
+}
+
 impl Lease {
+    pub fn reason(&self) -> Option<&str> {
+        self.extra.as_ref().and_then(|x| x.reason.as_deref())
+    }
+
+    pub fn metadata(&self) -> Option<&str> {
+        self.extra.as_ref().and_then(|x| x.metadata.as_deref())
+    }
+
+    pub fn owner(&self) -> Option<&str> {
+        self.extra.as_ref().and_then(|x| x.owner.as_deref())
+    }
+
+    pub fn executing(&self) -> Option<&str> {
+        self.extra.as_ref().and_then(|x| x.executing.as_deref())
+    }
+
+    fn update_extra(&mut self, f: impl FnOnce(&mut LeaseExtra)) {
+        let mut x = self.extra.take().map(|b| *b).unwrap_or_default();
+        f(&mut x);
+        self.extra = x.boxed();
+    }
+
+    pub fn set_reason(&mut self, reason: Option<Box<str>>) {
+        self.update_extra(|x| x.reason = reason);
+    }
+
+    pub fn set_executing(&mut self, key: Option<Box<str>>) {
+        self.update_extra(|x| x.executing = key);
+    }
+
     pub fn lock(&self, key: &str) -> Option<&HeldLock> {
         self.locks
             .binary_search_by(|l| (*l.key).cmp(key))
@@ -79,9 +123,9 @@ impl Lease {
             ttl_ms: self.ttl_ms,
             expires_at_ms: self.expires_at_ms,
             created_at_ms: self.created_at_ms,
-            reason: self.reason.as_deref().map(str::to_owned),
-            metadata: self.metadata.as_deref().map(str::to_owned),
-            owner: self.owner.as_deref().map(str::to_owned),
+            reason: self.reason().map(str::to_owned),
+            metadata: self.metadata().map(str::to_owned),
+            owner: self.owner().map(str::to_owned),
             locks: self.locks.iter().map(HeldLock::view).collect(),
         }
     }

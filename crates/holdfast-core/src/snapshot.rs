@@ -7,7 +7,7 @@ use crate::engine::Engine;
 use crate::error::RestoreError;
 use crate::idempotency::IdemEntry;
 use crate::keys::{Family, KeyState};
-use crate::leases::{HeldLock, Lease};
+use crate::leases::{HeldLock, Lease, LeaseExtra};
 use crate::limits::Limits;
 use crate::types::{DurableState, IdempotencyState, LeaseId, LockKind, TimeMs};
 
@@ -114,12 +114,15 @@ pub(crate) fn restore(
                 ttl_ms: rec.ttl_ms,
                 expires_at_ms,
                 created_at_ms: rec.created_at_ms,
-                reason: rec.reason.map(Into::into),
-                metadata: rec.metadata.map(Into::into),
-                owner: rec.owner.map(Into::into),
                 locks,
                 pending: None,
-                executing: None,
+                extra: LeaseExtra {
+                    reason: rec.reason.map(Into::into),
+                    metadata: rec.metadata.map(Into::into),
+                    owner: rec.owner.map(Into::into),
+                    executing: None,
+                }
+                .boxed(),
             },
         );
     }
@@ -184,12 +187,12 @@ pub(crate) fn restore(
                         rec.key
                     )));
                 };
-                if l.executing.is_some() {
+                if l.executing().is_some() {
                     return Err(err(format!(
                         "lease {lease_id} executes two idempotency records"
                     )));
                 }
-                l.executing = Some(rec.key.as_str().into());
+                l.set_executing(Some(rec.key.as_str().into()));
             }
             IdempotencyState::Completed(_) => {
                 let Some(exp) = rec.expires_at_ms else {

@@ -17,21 +17,30 @@ pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Lo
     }
 }
 
-/// A name (key or holder): `1..=max` bytes, no control characters.
-pub(crate) fn name(field: &str, value: &str, max_bytes: usize) -> Result<(), LockError> {
+/// A name (key or holder): `1..=max` bytes, no control characters. `Err` is the reason.
+pub(crate) fn name_reason(value: &str, max_bytes: usize) -> Result<(), String> {
     if value.is_empty() {
-        return Err(invalid(field, "must not be empty"));
+        return Err("must not be empty".to_owned());
     }
     if value.len() > max_bytes {
-        return Err(invalid(
-            field,
-            format!("is {} bytes, at most {max_bytes} allowed", value.len()),
+        return Err(format!(
+            "is {} bytes, at most {max_bytes} allowed",
+            value.len()
         ));
     }
+    // ASCII fast path; control characters are C0, DEL and C1 (the latter only in UTF-8 as
+    // two-byte sequences starting with 0xC2).
+    if value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Ok(());
+    }
     if value.chars().any(char::is_control) {
-        return Err(invalid(field, "must not contain control characters"));
+        return Err("must not contain control characters".to_owned());
     }
     Ok(())
+}
+
+pub(crate) fn name(field: &str, value: &str, max_bytes: usize) -> Result<(), LockError> {
+    name_reason(value, max_bytes).map_err(|r| invalid(field, r))
 }
 
 pub(crate) fn key(field: &str, value: &str, limits: &Limits) -> Result<(), LockError> {
@@ -142,16 +151,25 @@ pub(crate) fn locks(locks: &[LockSpec], limits: &Limits) -> Result<(), LockError
             ),
         ));
     }
-    let mut seen: HashSet<&str> = HashSet::with_capacity(locks.len());
+    // Small requests (the common case) compare pairwise instead of building a set.
+    let mut seen: HashSet<&str> = HashSet::new();
     for (i, spec) in locks.iter().enumerate() {
-        key(&format!("locks[{i}].key"), &spec.key, limits)?;
-        if !seen.insert(spec.key.as_str()) {
+        name_reason(&spec.key, limits.key_bytes_max)
+            .map_err(|r| invalid(format!("locks[{i}].key"), r))?;
+        let duplicate = if locks.len() <= 16 {
+            locks[..i].iter().any(|o| o.key == spec.key)
+        } else {
+            !seen.insert(spec.key.as_str())
+        };
+        if duplicate {
             return Err(invalid(
                 format!("locks[{i}].key"),
                 format!("key {} is named twice in one request", spec.key),
             ));
         }
-        kind(&format!("locks[{i}].kind"), spec.kind)?;
+        if matches!(spec.kind, LockKind::Semaphore { .. }) {
+            kind(&format!("locks[{i}].kind"), spec.kind)?;
+        }
         if spec.lock_delay_ms > LOCK_DELAY_MS_MAX {
             return Err(invalid(
                 format!("locks[{i}].lock_delay_ms"),
