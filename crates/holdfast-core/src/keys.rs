@@ -151,8 +151,10 @@ impl Holders {
 
 static EMPTY_QUEUE: VecDeque<WaiterId> = VecDeque::new();
 
-/// A key's wait queue in arrival order (ascending id). Boxed: most keys never queue.
+/// A key's wait queue in arrival order (ascending id). Boxed: most keys never queue, and an
+/// empty `VecDeque` inline would cost 32 bytes per key against 8 for the option of a box.
 #[derive(Clone, Debug, Default)]
+#[allow(clippy::box_collection)]
 pub(crate) struct Queue(Option<Box<VecDeque<WaiterId>>>);
 
 impl Queue {
