@@ -56,7 +56,7 @@ fn engine_with(n: usize, locks_per_lease: usize) -> Engine {
             Ok(AcquireOutcome::Granted(_)) => {}
             other => panic!("setup acquire failed: {other:?}"),
         }
-        if i % 1024 == 0 {
+        if i.is_multiple_of(1024) {
             let _ = e.take_events();
             let _ = e.take_changes();
         }
@@ -125,7 +125,7 @@ fn bench(c: &mut Criterion) {
                 // The host drains events after every call and persists changes in batches.
                 let _ = e.take_events();
                 i += 1;
-                if i % 1024 == 0 {
+                if i.is_multiple_of(1024) {
                     let _ = e.take_changes();
                 }
             });
