@@ -76,6 +76,7 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     connect_timeout: Duration,
     holder: Option<String>,
+    server_wait_max: Duration,
 }
 
 impl Default for ClientBuilder {
@@ -86,6 +87,7 @@ impl Default for ClientBuilder {
             request_timeout: REQUEST_TIMEOUT_DEFAULT,
             connect_timeout: CONNECT_TIMEOUT_DEFAULT,
             holder: None,
+            server_wait_max: SERVER_WAIT_MAX,
         }
     }
 }
@@ -133,6 +135,14 @@ impl ClientBuilder {
         self
     }
 
+    /// Longest server-side wait of one request [default: 60 s, the server's limit]; longer
+    /// waits are split into several requests.
+    #[must_use]
+    pub fn server_wait_max(mut self, max: Duration) -> Self {
+        self.server_wait_max = max.clamp(Duration::from_millis(1), SERVER_WAIT_MAX);
+        self
+    }
+
     /// Build the client.
     ///
     /// # Errors
@@ -161,6 +171,7 @@ impl ClientBuilder {
                 base_url,
                 token: self.token,
                 request_timeout: self.request_timeout,
+                server_wait_max: self.server_wait_max,
                 holder: self.holder.unwrap_or_else(default_holder),
             }),
         })
@@ -190,6 +201,7 @@ struct Inner {
     base_url: String,
     token: Option<String>,
     request_timeout: Duration,
+    server_wait_max: Duration,
     holder: String,
 }
 
@@ -249,6 +261,12 @@ impl Client {
     #[must_use]
     pub fn request_timeout(&self) -> Duration {
         self.inner.request_timeout
+    }
+
+    /// Longest server-side wait of one request.
+    #[must_use]
+    pub fn server_wait_max(&self) -> Duration {
+        self.inner.server_wait_max
     }
 
     /// Start building a lock on `key` (see [`LockBuilder`]).

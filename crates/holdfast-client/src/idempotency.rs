@@ -11,7 +11,7 @@ use futures::FutureExt as _;
 use holdfast_api::{IdempotencyBeginRequest, IdempotencyResultBody, IdempotencyStateName};
 use tokio::time::Instant;
 
-use crate::client::{Client, SERVER_WAIT_MAX, duration_ms};
+use crate::client::{Client, duration_ms};
 use crate::error::ClientError;
 use crate::guard::spawn_renewal;
 
@@ -102,7 +102,7 @@ impl Idempotent {
                 let sent = Instant::now();
                 let chunk = deadline
                     .saturating_duration_since(sent)
-                    .min(SERVER_WAIT_MAX);
+                    .min(self.client.server_wait_max());
                 let request = IdempotencyBeginRequest {
                     fingerprint: self.fingerprint.clone(),
                     holder: holder.clone(),

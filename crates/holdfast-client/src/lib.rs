@@ -60,5 +60,5 @@ pub use events::{EventStream, StreamEvent};
 pub use guard::{Health, LeaseStatus, LockContext, LockGuard, LostReason};
 pub use holdfast_api as api;
 pub use idempotency::{Idempotent, IdempotentOutcome};
-pub use lock::{LockBuilder, Progress};
+pub use lock::{LockBuilder, Phase, Progress};
 pub use retry::{Jitter, RetryPolicy, Sleeper, TokioSleeper};

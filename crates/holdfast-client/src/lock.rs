@@ -12,7 +12,7 @@ use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 use tokio::time::Instant;
 
-use crate::client::{Client, SERVER_WAIT_MAX, duration_ms};
+use crate::client::{Client, duration_ms};
 use crate::error::ClientError;
 use crate::guard::{LockContext, LockGuard};
 use crate::retry::{AttemptOutcome, RetryPolicy, Sleeper, TokioSleeper, retry};
@@ -20,21 +20,37 @@ use crate::retry::{AttemptOutcome, RetryPolicy, Sleeper, TokioSleeper, retry};
 /// Default lease TTL of the client (the server's default too).
 pub const LOCK_TTL_DEFAULT: Duration = Duration::from_secs(30);
 
-/// Reported to a progress callback before each sleep of the retry loop.
+/// Reported to a progress callback while an acquisition waits: when an attempt found the key
+/// held and queues (with a server-side wait), and before each sleep of the retry loop.
 #[derive(Debug, Clone)]
 pub struct Progress {
     /// The key that was refused.
     pub key: String,
     /// Its holders at the refusal.
     pub holders: Vec<HolderInfo>,
-    /// The attempt that just failed (1-based).
+    /// The current attempt (1-based).
     pub attempt: u32,
     /// Attempts allowed.
     pub attempts: u32,
-    /// Sleep before the next attempt.
-    pub next_retry_in: Duration,
+    /// What happens now.
+    pub phase: Phase,
     /// Time spent so far.
     pub waited: Duration,
+}
+
+/// What an acquisition does while it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The attempt is queued in the server's FIFO queue for up to this long.
+    Queued {
+        /// The attempt's wait.
+        wait: Duration,
+    },
+    /// The attempt failed; the next starts after this sleep.
+    Sleeping {
+        /// The sleep.
+        next_retry_in: Duration,
+    },
 }
 
 type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
@@ -225,17 +241,43 @@ impl LockBuilder {
 
     /// One attempt: a request waiting up to `self.wait`, repeated while the wait is longer
     /// than one request may wait. Returns the lease and when its request was sent.
-    async fn attempt(&self) -> Result<(holdfast_api::LeaseResponse, Instant), ClientError> {
+    async fn attempt(
+        &self,
+        attempt: u32,
+        started: Instant,
+    ) -> Result<(holdfast_api::LeaseResponse, Instant), ClientError> {
+        if let (false, Some(progress)) = (self.wait.is_zero(), &self.progress) {
+            // Ask without waiting first, so the caller can show who holds the key while this
+            // attempt waits in the queue.
+            let sent = Instant::now();
+            match self
+                .client
+                .create_lease(&self.request(Duration::ZERO))
+                .await
+            {
+                Ok(lease) => return Ok((lease, sent)),
+                Err(ClientError::Held { key, holders, .. }) => progress(&Progress {
+                    key,
+                    holders,
+                    attempt,
+                    attempts: self.policy.effective_attempts(),
+                    phase: Phase::Queued { wait: self.wait },
+                    waited: started.elapsed(),
+                }),
+                Err(e) => return Err(e),
+            }
+        }
+        let per_request_max = self.client.server_wait_max();
         let deadline = Instant::now() + self.wait;
         loop {
             let sent = Instant::now();
             let chunk = deadline
                 .saturating_duration_since(sent)
-                .min(SERVER_WAIT_MAX);
+                .min(per_request_max);
             match self.client.create_lease(&self.request(chunk)).await {
                 Ok(lease) => return Ok((lease, sent)),
                 Err(ClientError::Timeout { .. })
-                    if chunk == SERVER_WAIT_MAX
+                    if chunk == per_request_max
                         && deadline > Instant::now() + Duration::from_millis(1) =>
                 {
                     // Only the per-request limit ran out: queue again for the rest.
@@ -266,16 +308,17 @@ impl LockBuilder {
         let last_busy: Mutex<(String, Vec<HolderInfo>)> =
             Mutex::new((first_key.clone(), Vec::new()));
         let this = &self;
+        let last_busy_ref = &last_busy;
         let result = retry(
             &self.policy,
             self.sleeper.as_ref(),
             &mut rng,
-            |_| async {
-                this.attempt().await.map_err(|e| {
+            |n| async move {
+                this.attempt(n, started).await.map_err(|e| {
                     if let ClientError::Held { key, holders, .. }
                     | ClientError::Timeout { key, holders, .. } = &e
                     {
-                        let mut last = last_busy
+                        let mut last = last_busy_ref
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner);
                         last.0.clone_from(key);
@@ -306,7 +349,9 @@ impl LockBuilder {
                         holders: last.1.clone(),
                         attempt: step.attempt,
                         attempts: step.attempts,
-                        next_retry_in: step.delay,
+                        phase: Phase::Sleeping {
+                            next_retry_in: step.delay,
+                        },
                         waited: started.elapsed(),
                     });
                 }

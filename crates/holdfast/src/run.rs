@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Local;
-use holdfast_client::{Client, ClientError, Health, LockBuilder, LockGuard, Progress};
+use holdfast_client::{Client, ClientError, Health, LockBuilder, LockGuard, Phase, Progress};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
@@ -117,16 +117,20 @@ impl ProgressReporter {
     pub fn attach(&self, builder: LockBuilder) -> LockBuilder {
         let this = self.clone();
         builder.on_progress(move |p| {
-            let next_at = Instant::now() + p.next_retry_in;
-            let wall = (Local::now()
-                + chrono::Duration::from_std(p.next_retry_in).unwrap_or_default())
-            .format("%H:%M:%S")
-            .to_string();
+            // Until when this phase lasts: the queued wait, or the sleep before the next attempt.
+            let span = match p.phase {
+                Phase::Queued { wait } => wait,
+                Phase::Sleeping { next_retry_in } => next_retry_in,
+            };
+            let until = Instant::now() + span;
+            let wall = (Local::now() + chrono::Duration::from_std(span).unwrap_or_default())
+                .format("%H:%M:%S")
+                .to_string();
             *this
                 .state
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                Some((p.clone(), next_at, wall));
+                Some((p.clone(), until, wall));
             if this.tty {
                 this.draw();
             } else {
@@ -140,19 +144,23 @@ impl ProgressReporter {
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (p, next_at, wall) = state.as_ref()?;
+        let (p, until, wall) = state.as_ref()?;
         let held = if p.holders.is_empty() {
             "busy".to_owned()
         } else {
             format!("held by {}", holders_text(&p.holders))
         };
-        Some(format!(
-            "waiting for {}: {held}; attempt {}/{} failed, next attempt at {wall} (in {})",
-            p.key,
-            p.attempt,
-            p.attempts,
-            human(next_at.saturating_duration_since(Instant::now()))
-        ))
+        let left = human(until.saturating_duration_since(Instant::now()));
+        Some(match p.phase {
+            Phase::Queued { .. } => format!(
+                "waiting for {}: {held}; attempt {}/{} queued until {wall} (for {left})",
+                p.key, p.attempt, p.attempts
+            ),
+            Phase::Sleeping { .. } => format!(
+                "waiting for {}: {held}; attempt {}/{} failed, next attempt at {wall} (in {left})",
+                p.key, p.attempt, p.attempts
+            ),
+        })
     }
 
     fn draw(&self) {

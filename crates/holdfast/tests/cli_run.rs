@@ -329,6 +329,11 @@ fn a_signal_while_waiting_aborts_the_wait_and_leaves_no_queued_request() {
     let out = waiter.wait();
     assert_eq!(out.code(), Some(128 + 15), "{out:?}");
     assert!(out.stderr.contains("while waiting"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("attempt 1/1 queued until"),
+        "{}",
+        out.stderr
+    );
     wait_until("the queued request is gone", || server.waiters(KEY) == 0);
 
     std::fs::write(&stop, "").unwrap();

@@ -689,7 +689,12 @@ async fn tokens_map_to_unauthorized_and_forbidden() {
         .token("s3cret")
         .build()
         .unwrap();
-    let g = app.lock("app/x").acquire().await.unwrap();
+    let g = app
+        .lock("app/x")
+        .ttl(Duration::from_secs(1))
+        .acquire()
+        .await
+        .unwrap();
     assert!(matches!(
         app.lock("other/x").acquire().await,
         Err(ClientError::Forbidden { .. })
@@ -711,4 +716,58 @@ async fn tokens_map_to_unauthorized_and_forbidden() {
         .await
         .expect("lost fires");
     assert_eq!(reason, LostReason::Revoked(vec!["app/x".into()]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_longer_than_one_request_are_looped_and_report_the_queue() {
+    let server = holdfast_server::start(ServerConfig::ephemeral_memory())
+        .await
+        .unwrap();
+    // Requests may wait 300 ms here (60 s against a real server).
+    let client = Client::builder()
+        .base_url(server.base_url())
+        .server_wait_max(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let g1 = client
+        .lock("it/long")
+        .holder("first")
+        .acquire()
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let c2 = client.clone();
+    let waiter = tokio::spawn(async move {
+        c2.lock("it/long")
+            .holder("second")
+            .wait(Duration::from_secs(50))
+            .on_progress(move |p| {
+                let _ = tx.send(p.clone());
+            })
+            .acquire()
+            .await
+    });
+    let p = rx.recv().await.unwrap();
+    assert_eq!(
+        p.phase,
+        holdfast_client::Phase::Queued {
+            wait: Duration::from_secs(50)
+        }
+    );
+    assert_eq!(p.holders[0].holder, "first");
+    // Several per-request waits ran out on the server, and the client queued again each time.
+    assert!(
+        eventually(600, || async {
+            client.stats().await.unwrap().timeouts_total >= 3
+        })
+        .await
+    );
+    assert!(!waiter.is_finished());
+    g1.release().await.unwrap();
+    let g2 = waiter
+        .await
+        .unwrap()
+        .expect("granted after the per-request waits were looped");
+    assert_eq!(holders(&client, "it/long").await, vec!["second"]);
+    g2.release().await.unwrap();
 }
