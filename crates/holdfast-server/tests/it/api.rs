@@ -601,7 +601,17 @@ async fn ops_endpoints() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains("holdfast_grants_total"), "{text}");
+    for name in [
+        "holdfast_grants_total",
+        "holdfast_releases_total",
+        "holdfast_deadlocks_total",
+        "holdfast_expirations_total",
+        "holdfast_wait_timeouts_total",
+        "holdfast_force_releases_total",
+        "holdfast_hold_seconds_bucket",
+    ] {
+        assert!(text.contains(name), "{name} missing in {text}");
+    }
     assert!(text.contains("holdfast_http_requests_total"), "{text}");
     assert!(text.contains("route=\"/v1/leases\""), "{text}");
     let html = s

@@ -166,3 +166,33 @@ async fn total_waiters_are_bounded() {
     crate::common::assert_error(&waiter.await.unwrap(), 409, "wait_timeout");
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_wakes_the_next_waiter() {
+    let s = TestServer::memory().await;
+    let (st, short) = s
+        .post(
+            "/v1/leases",
+            json!({"holder": "short", "ttl_ms": 1_000, "locks": [{"key": "lp/exp"}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    // The waiter is served when the holder's lease expires (nobody releases it).
+    let (st, granted) = s
+        .post(
+            "/v1/leases",
+            json!({"holder": "next", "wait_ms": 30_000, "locks": [{"key": "lp/exp"}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{granted}");
+    assert_eq!(granted["holder"], "next");
+    let id = short["lease_id"].as_str().unwrap();
+    crate::common::assert_error(
+        &s.post(&format!("/v1/leases/{id}/renew"), json!({})).await,
+        404,
+        "lease_not_found",
+    );
+    let (_, stats) = s.get("/v1/stats").await;
+    assert!(stats["expirations_total"].as_u64().unwrap() >= 1, "{stats}");
+    s.shutdown().await;
+}
