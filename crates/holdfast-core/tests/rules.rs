@@ -665,3 +665,295 @@ fn snapshot_restore_simple() {
     bad.leases[1].locks.push(dup);
     assert!(Engine::restore(Limits::default(), bad, 0, 0).is_err());
 }
+
+// ----- more rules -----
+
+#[test]
+fn limit_mismatch_names_existing_kind() {
+    let mut e = Engine::default();
+    granted(acq(&mut e, 0, req_new(1, "a", vec![sem("k", 3, 1)], 0)));
+    assert_eq!(
+        acq(&mut e, 0, req_new(2, "b", vec![sem("k", 5, 1)], 0)),
+        Err(LockError::LimitMismatch {
+            key: "k".into(),
+            existing: LockKind::Semaphore {
+                limit: 3,
+                permits: 1
+            },
+            requested: LockKind::Semaphore {
+                limit: 5,
+                permits: 1
+            },
+        })
+    );
+    // Exclusive and shared on one key are not a mismatch; a queued request fixes the family.
+    granted(acq(&mut e, 0, req_new(3, "c", vec![x("m")], 0)));
+    queued(acq(&mut e, 0, req_new(4, "d", vec![s("m")], 1_000)));
+    e.release_lease(1, lid(3)).unwrap();
+    e.release_lease(1, lid(4)).unwrap();
+    // Once free, the key can be used as a semaphore.
+    granted(acq(&mut e, 2, req_new(5, "e", vec![sem("m", 2, 2)], 0)));
+}
+
+#[test]
+fn semaphore_waiters_granted_together_when_they_fit() {
+    let mut e = Engine::default();
+    granted(acq(&mut e, 0, req_new(1, "a", vec![sem("k", 4, 4)], 0)));
+    let w1 = queued(acq(&mut e, 0, req_new(2, "b", vec![sem("k", 4, 2)], 1_000)));
+    let w2 = queued(acq(&mut e, 0, req_new(3, "c", vec![sem("k", 4, 2)], 1_000)));
+    let w3 = queued(acq(&mut e, 0, req_new(4, "d", vec![sem("k", 4, 1)], 1_000)));
+    e.release_lease(1, lid(1)).unwrap();
+    let notes = e.take_notifications();
+    assert!(matches!(outcome_of(&notes, w1), WaitOutcome::Granted(_)));
+    assert!(matches!(outcome_of(&notes, w2), WaitOutcome::Granted(_)));
+    assert!(notes.iter().all(|n| n.waiter != w3), "no room left for d");
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn waiters_per_key_limit_and_one_queued_request_per_lease() {
+    let limits = Limits {
+        waiters_per_key_max: 2,
+        ..Limits::default()
+    };
+    let mut e = Engine::new(limits);
+    granted(acq(&mut e, 0, req_new(1, "a", vec![x("k"), x("j")], 0)));
+    queued(acq(&mut e, 0, req_new(2, "b", vec![x("k")], 1_000)));
+    queued(acq(&mut e, 0, req_new(3, "c", vec![x("k")], 1_000)));
+    assert_eq!(
+        acq(&mut e, 0, req_new(4, "d", vec![x("k")], 1_000)),
+        Err(LockError::Overloaded {
+            what: "waiters on key k".into(),
+            limit: 2
+        })
+    );
+    granted(acq(&mut e, 0, req_new(5, "e", vec![x("m")], 0)));
+    queued(acq(&mut e, 0, req_existing(5, vec![x("j")], 1_000)));
+    assert!(matches!(
+        acq(&mut e, 0, req_existing(5, vec![x("j2"), x("j")], 1_000)),
+        Err(LockError::Overloaded { limit: 1, .. })
+    ));
+    // A request that needs no wait is fine even with one queued.
+    granted(acq(&mut e, 0, req_existing(5, vec![x("free")], 1_000)));
+}
+
+#[test]
+fn reentrant_join_acquires_new_keys_and_upgrades() {
+    let mut e = Engine::default();
+    let g = granted(acq(&mut e, 0, req_new(1, "web", vec![s("a")], 0)));
+    // Joins lease 1: `a` upgraded (new token), `b` acquired.
+    let g2 = granted(acq(&mut e, 10, req_new(2, "web", vec![x("a"), x("b")], 0)));
+    assert!(!g2.created_lease);
+    assert_eq!(g2.lease.lease_id, lid(1));
+    assert_eq!(g2.granted[0].kind, LockKind::Exclusive);
+    assert!(g2.granted[0].fencing_token > g.granted[0].fencing_token);
+    assert_eq!(g2.granted[0].count, 2);
+    assert_eq!(g2.granted[1].count, 1);
+    assert_eq!(g2.lease.locks.len(), 2);
+    // Holding exclusive, asking shared: count + 1, still exclusive.
+    let g3 = granted(acq(&mut e, 20, req_existing(1, vec![s("a")], 0)));
+    assert_eq!(g3.granted[0].kind, LockKind::Exclusive);
+    assert_eq!(g3.granted[0].count, 3);
+    // Undo of a joined grant releases each key once.
+    e.undo_grant(30, &g3);
+    assert_eq!(e.lease(lid(1)).unwrap().locks[0].count, 2);
+    // Every join emits a Granted event.
+    let granted_events = e
+        .take_events()
+        .into_iter()
+        .filter(|ev| ev.kind == EventKind::Granted)
+        .count();
+    assert_eq!(granted_events, 4);
+}
+
+#[test]
+fn reentrant_join_needs_the_same_owner() {
+    let mut e = Engine::default();
+    let mut r = req_new(1, "web", vec![x("a")], 0);
+    if let LeaseTarget::New(nl) = &mut r.target {
+        nl.owner = Some("token-1".into());
+    }
+    granted(acq(&mut e, 0, r));
+    let mut r = req_new(2, "web", vec![x("a")], 0);
+    if let LeaseTarget::New(nl) = &mut r.target {
+        nl.owner = Some("token-2".into());
+    }
+    assert!(matches!(acq(&mut e, 0, r), Err(LockError::LockHeld { .. })));
+}
+
+#[test]
+fn reentrant_semaphore_needs_same_permits() {
+    let mut e = Engine::default();
+    granted(acq(&mut e, 0, req_new(1, "a", vec![sem("k", 3, 1)], 0)));
+    let g = granted(acq(&mut e, 0, req_new(2, "a", vec![sem("k", 3, 1)], 0)));
+    assert_eq!(g.granted[0].count, 2);
+    assert!(matches!(
+        acq(&mut e, 0, req_new(3, "a", vec![sem("k", 3, 2)], 0)),
+        Err(LockError::Invalid { .. })
+    ));
+}
+
+#[test]
+fn expiry_fails_the_leases_waiter_and_applies_lock_delay() {
+    let mut e = Engine::default();
+    let mut r = req_new(1, "a", vec![x("k")], 0);
+    r.locks[0].lock_delay_ms = 1_000;
+    granted(acq(&mut e, 0, r));
+    granted(acq(&mut e, 0, req_new(2, "b", vec![x("j")], 0)));
+    let w = queued(acq(&mut e, 0, req_existing(1, vec![x("j")], 20_000)));
+    tick(&mut e, 10_000);
+    let notes = e.take_notifications();
+    assert_eq!(
+        outcome_of(&notes, w),
+        WaitOutcome::Failed(LockError::LeaseNotFound { lease_id: lid(1) })
+    );
+    let info = e.lock_info("k").unwrap();
+    assert_eq!(info.delayed_until_ms, Some(11_000));
+    assert!(info.holders.is_empty());
+    let cs = e.take_changes();
+    assert_eq!(cs.lock_delays.get("k"), Some(&Some(11_000)));
+    assert_eq!(
+        e.next_deadline_ms(),
+        Some(11_000),
+        "both leases expired at 10 000"
+    );
+    tick(&mut e, 11_000);
+    assert!(e.lock_info("k").is_none());
+    assert_eq!(e.take_changes().lock_delays.get("k"), Some(&None));
+}
+
+#[test]
+fn multi_key_waiters_in_opposite_order_do_not_deadlock() {
+    let mut e = Engine::default();
+    granted(acq(&mut e, 0, req_new(1, "a", vec![x("p"), x("q")], 0)));
+    let w1 = queued(acq(&mut e, 0, req_new(2, "b", vec![x("p"), x("q")], 5_000)));
+    let w2 = queued(acq(&mut e, 0, req_new(3, "c", vec![x("q"), x("p")], 5_000)));
+    e.release_lease(1, lid(1)).unwrap();
+    assert!(matches!(
+        outcome_of(&e.take_notifications(), w1),
+        WaitOutcome::Granted(_)
+    ));
+    e.release_lease(2, lid(2)).unwrap();
+    assert!(matches!(
+        outcome_of(&e.take_notifications(), w2),
+        WaitOutcome::Granted(_)
+    ));
+}
+
+#[test]
+fn lease_id_collision_is_refused() {
+    let mut e = Engine::default();
+    granted(acq(&mut e, 0, req_new(1, "a", vec![x("k")], 0)));
+    match acq(&mut e, 0, req_new(1, "b", vec![x("j")], 0)) {
+        Err(LockError::Invalid { field, .. }) => assert_eq!(field, "lease_id"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn events_have_increasing_sequence_numbers() {
+    let mut e = Engine::default();
+    granted(acq(&mut e, 0, req_new(1, "a", vec![x("k"), x("j")], 0)));
+    e.renew(1, lid(1), None).unwrap();
+    e.release_lease(2, lid(1)).unwrap();
+    let evs = e.take_events();
+    assert_eq!(evs.len(), 5);
+    for w in evs.windows(2) {
+        assert!(w[0].seq < w[1].seq);
+    }
+    let renewed = evs.iter().find(|ev| ev.kind == EventKind::Renewed).unwrap();
+    assert_eq!(renewed.key, None);
+    let released: Vec<_> = evs
+        .iter()
+        .filter(|ev| ev.kind == EventKind::Released)
+        .collect();
+    assert_eq!(released[0].held_ms, Some(2));
+    assert_eq!(e.take_changes().event_seq_next, Some(6));
+    let st = e.stats();
+    assert_eq!((st.grants_total, st.releases_total), (2, 2));
+}
+
+#[test]
+fn time_never_goes_backwards() {
+    let mut e = Engine::default();
+    granted(acq(&mut e, 5_000, req_new(1, "a", vec![x("k")], 0)));
+    // An earlier `now` is treated as the latest time seen.
+    let v = e.renew(10, lid(1), None).unwrap();
+    assert_eq!(v.expires_at_ms, 15_000);
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn check_fencing_unknown_key() {
+    let e = Engine::default();
+    let c = e.check_fencing("nothing", 1);
+    assert!(!c.current);
+    assert!(c.current_tokens.is_empty());
+}
+
+#[test]
+fn idempotency_waiter_timeout_cancel_and_validation() {
+    let mut e = Engine::default();
+    e.idempotency_begin(0, begin("i", "f", 1, 0)).unwrap();
+    let IdempotencyOutcome::Queued(w1) = e.idempotency_begin(0, begin("i", "f", 2, 1_000)).unwrap()
+    else {
+        panic!()
+    };
+    let IdempotencyOutcome::Queued(w2) = e.idempotency_begin(0, begin("i", "f", 3, 5_000)).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(e.stats().waiters, 2);
+    tick(&mut e, 1_000);
+    assert_eq!(
+        outcome_of(&e.take_notifications(), w1),
+        WaitOutcome::Failed(LockError::WaitTimeout {
+            key: "i".into(),
+            holders: vec![]
+        })
+    );
+    assert!(e.cancel_wait(1_001, w2));
+    e.check_invariants().unwrap();
+    e.idempotency_abort(1_002, "i", lid(1)).unwrap();
+    assert!(e.take_notifications().is_empty());
+    assert!(e.idempotency_get("i").is_none());
+    // Validation.
+    let mut b = begin("i", "", 4, 0);
+    assert!(matches!(
+        e.idempotency_begin(1_003, b.clone()),
+        Err(LockError::Invalid { .. })
+    ));
+    b.fingerprint = "f".into();
+    e.idempotency_begin(1_003, b).unwrap();
+    let bad = IdempotencyResult {
+        status: 42,
+        headers: vec![],
+        body: String::new(),
+    };
+    match e.idempotency_complete(1_004, "i", lid(4), bad) {
+        Err(LockError::Invalid { field, .. }) => assert_eq!(field, "result.status"),
+        other => panic!("{other:?}"),
+    }
+    // Completed with another fingerprint is a mismatch.
+    e.idempotency_complete(1_005, "i", lid(4), result("r"))
+        .unwrap();
+    assert_eq!(
+        e.idempotency_begin(1_006, begin("i", "other", 5, 0))
+            .unwrap(),
+        IdempotencyOutcome::FingerprintMismatch
+    );
+    let cs = e.take_changes();
+    assert!(cs.idempotency["i"].is_some());
+}
+
+#[test]
+fn executor_lease_released_frees_the_record() {
+    let mut e = Engine::default();
+    e.idempotency_begin(0, begin("i", "f", 1, 0)).unwrap();
+    e.release_lease(1, lid(1)).unwrap();
+    assert!(e.idempotency_get("i").is_none());
+    assert!(matches!(
+        e.idempotency_begin(2, begin("i", "f", 2, 0)).unwrap(),
+        IdempotencyOutcome::Started(_)
+    ));
+}
