@@ -261,36 +261,49 @@ fn terminal_foreground() -> bool {
 }
 
 fn spawn_command(args: &RunArgs, guard: &LockGuard) -> std::io::Result<tokio::process::Child> {
-    let mut cmd = match std::env::current_exe() {
-        Ok(exe) if cfg!(target_os = "linux") => {
-            let mut c = tokio::process::Command::new(exe);
-            c.arg("__exec")
-                .arg("--parent-pid")
-                .arg(std::process::id().to_string())
-                .arg("--")
-                .args(&args.command);
-            c
-        }
-        _ => {
-            let (program, rest) = args
-                .command
-                .split_first()
-                .ok_or_else(|| std::io::Error::other("no command"))?;
-            let mut c = tokio::process::Command::new(program);
-            c.args(rest);
-            c
+    let configure = |cmd: &mut tokio::process::Command| {
+        cmd.env("HOLDFAST_LEASE_ID", guard.lease_id())
+            .env("HOLDFAST_FENCING_TOKEN", guard.fencing_token().to_string())
+            .kill_on_drop(true);
+        if args.lock.keys.len() > 1 {
+            cmd.env(
+                "HOLDFAST_FENCING_TOKENS",
+                commands::tokens_csv(guard.lease(), &args.lock.keys),
+            );
         }
     };
-    let lease = guard.lease();
-    cmd.env("HOLDFAST_LEASE_ID", guard.lease_id())
-        .env("HOLDFAST_FENCING_TOKEN", guard.fencing_token().to_string())
-        .kill_on_drop(true);
-    if args.lock.keys.len() > 1 {
-        cmd.env(
-            "HOLDFAST_FENCING_TOKENS",
-            commands::tokens_csv(lease, &args.lock.keys),
-        );
+    // Linux: through `holdfast __exec`, which dies with us (see the module doc).
+    if cfg!(target_os = "linux") {
+        match std::env::current_exe() {
+            Ok(exe) => {
+                let mut cmd = tokio::process::Command::new(exe);
+                cmd.arg("__exec")
+                    .arg("--parent-pid")
+                    .arg(std::process::id().to_string())
+                    .arg("--")
+                    .args(&args.command);
+                configure(&mut cmd);
+                match cmd.spawn() {
+                    Ok(child) => return Ok(child),
+                    Err(e) => eprintln!(
+                        "holdfast run: cannot re-execute holdfast to guard the command ({e}); \
+                         starting it directly: it would outlive a SIGKILL of holdfast"
+                    ),
+                }
+            }
+            Err(e) => eprintln!(
+                "holdfast run: cannot find the holdfast executable ({e}); starting the command directly: \
+                 it would outlive a SIGKILL of holdfast"
+            ),
+        }
     }
+    let (program, rest) = args
+        .command
+        .split_first()
+        .ok_or_else(|| std::io::Error::other("no command"))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(rest);
+    configure(&mut cmd);
     cmd.spawn()
 }
 
@@ -416,5 +429,124 @@ pub async fn run(client: &Client, out: &Output, args: RunArgs) -> u8 {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::duration::parse_duration;
+    use holdfast_client::api::{HolderInfo, LockMode};
+
+    fn lock_args(no_wait: bool, delay: &str) -> LockArgs {
+        LockArgs {
+            keys: vec!["vocab_import/RXNORM".into()],
+            shared: false,
+            ttl: Duration::from_secs(30),
+            wait: Duration::ZERO,
+            retry_attempts: 10,
+            retry_delay: parse_duration(delay).unwrap(),
+            no_wait,
+            holder: None,
+            reason: None,
+        }
+    }
+
+    fn held() -> ClientError {
+        ClientError::Held {
+            key: "vocab_import/RXNORM".into(),
+            holders: vec![HolderInfo {
+                holder: "importer@host-1".into(),
+                mode: LockMode::Exclusive,
+                permits: None,
+                since_ms: 0,
+                expires_at_ms: 30_000,
+                reason: None,
+                fencing_token: 1,
+                count: 1,
+                lease_id: None,
+            }],
+            delayed_until_ms: None,
+        }
+    }
+
+    #[test]
+    fn no_wait_failures_say_so_in_both_spellings() {
+        for args in [lock_args(true, "30s"), lock_args(false, "0")] {
+            let m = not_acquired_message(&held(), &args);
+            assert!(
+                m.starts_with(
+                    "failed to acquire vocab_import/RXNORM: held by importer@host-1 since "
+                ),
+                "{m}"
+            );
+            assert!(m.ends_with("(no-wait mode)"), "{m}");
+        }
+        let m = not_acquired_message(&held(), &lock_args(false, "30s"));
+        assert!(!m.contains("no-wait"), "{m}");
+    }
+
+    #[test]
+    fn statuses_map_to_exit_codes() {
+        assert_eq!(status_code(ExitStatus::from_raw(7 << 8)), 7);
+        assert_eq!(status_code(ExitStatus::from_raw(0)), 0);
+        // Killed by SIGTERM (15): 128 + 15.
+        assert_eq!(status_code(ExitStatus::from_raw(15)), 143);
+        assert_eq!(exit::signal_code(2), 130);
+    }
+
+    #[test]
+    fn client_errors_map_to_documented_exit_codes() {
+        assert_eq!(exit::code_of(&held()), exit::NOT_ACQUIRED);
+        let timeout = ClientError::Timeout {
+            key: "k".into(),
+            holders: vec![],
+            attempts: 10,
+            waited: Duration::from_secs(510),
+        };
+        assert_eq!(exit::code_of(&timeout), exit::NOT_ACQUIRED);
+        assert_eq!(
+            exit::code_of(&ClientError::Deadlock {
+                key: None,
+                cycle: vec![]
+            }),
+            exit::NOT_ACQUIRED
+        );
+        assert_eq!(
+            exit::code_of(&ClientError::Lost(holdfast_client::LostReason::Expired)),
+            exit::LOST
+        );
+        let unreachable = ClientError::Unreachable {
+            url: "u".into(),
+            message: "refused".into(),
+        };
+        assert_eq!(exit::code_of(&unreachable), exit::UNREACHABLE);
+        assert_eq!(
+            exit::code_of(&ClientError::Unauthorized {
+                message: String::new()
+            }),
+            exit::DENIED
+        );
+        assert_eq!(
+            exit::code_of(&ClientError::Forbidden {
+                message: String::new()
+            }),
+            exit::DENIED
+        );
+        assert_eq!(
+            exit::code_of(&ClientError::LeaseNotFound {
+                message: String::new()
+            }),
+            exit::GENERIC
+        );
+    }
+
+    #[test]
+    fn policy_follows_the_seed_flags() {
+        assert!(commands::policy(&lock_args(true, "30s")).is_no_wait());
+        assert!(commands::policy(&lock_args(false, "0")).is_no_wait());
+        let p = commands::policy(&lock_args(false, "60"));
+        assert_eq!((p.attempts, p.initial_delay), (10, Duration::from_secs(60)));
+        assert_eq!(p.max_delay, Duration::from_secs(300));
     }
 }
