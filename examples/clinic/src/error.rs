@@ -141,13 +141,9 @@ pub enum AppError {
 
 impl From<SqlLockError> for AppError {
     fn from(e: SqlLockError) -> Self {
+        // Conflicts (deadlocks, NOWAIT refusals, ...) stay `Db` so that `Classify` lets the
+        // transaction retry them; once retries run out they answer 503 `busy`.
         match e {
-            SqlLockError::RowsLocked {
-                table, conflict, ..
-            } => Self::Busy(format!(
-                "rows of {table} are locked ({})",
-                conflict.as_str()
-            )),
             SqlLockError::Timeout(t) => Self::Busy(format!("transaction timed out after {t:?}")),
             e => Self::Db(e),
         }
@@ -230,6 +226,7 @@ impl AppError {
             Self::NotHolder { .. } => "not_holder",
             Self::Shortage { .. } => "shortage",
             Self::Busy(_) => "busy",
+            Self::Db(e) if e.conflict().is_some() => "busy",
             Self::ImportBusy { .. } => "import_in_progress",
             Self::SwapState { .. } => "swap_state",
             Self::StaleFence(_) => "stale_lock",
