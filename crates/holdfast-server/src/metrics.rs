@@ -70,6 +70,19 @@ pub fn prometheus() -> &'static PrometheusHandle {
                         "a metrics recorder is already installed; /metrics will be empty"
                     );
                 }
+                // Register the counters so they are listed (at 0) before their first event.
+                for name in [
+                    GRANTS,
+                    RELEASES,
+                    TIMEOUTS,
+                    DEADLOCKS,
+                    EXPIRATIONS,
+                    FORCE_RELEASES,
+                    COMMITS,
+                    FSYNCS,
+                ] {
+                    metrics::counter!(name).increment(0);
+                }
                 handle
             }
             Err(e) => {
