@@ -163,10 +163,22 @@ impl Engine {
 
     /// Acquire locks atomically: grant now, refuse, or queue (`wait_ms > 0`).
     ///
-    /// A lease (existing, or the holder's lease a reentrant request joins) has at most one
-    /// queued request at a time: a second one that would have to wait is refused with
-    /// `Overloaded` (like a database session, a lease waits for one thing at a time; this
-    /// keeps deadlock detection at enqueue time complete).
+    /// - Granted at once only if, on every key, the request is compatible with the holders and
+    ///   with every queued request (no barging) and the key is not in lock-delay; otherwise
+    ///   `LockHeld` (no-wait) or queued on every key it names.
+    /// - `LeaseTarget::New` with `reentrant`: if a lease of the same holder *and the same
+    ///   owner credential* holds one of the keys, the request joins that lease: keys it holds
+    ///   get count + 1 (same token), others are acquired into it; its TTL and reason (if given)
+    ///   are refreshed and `created_lease` is false.
+    /// - On a lease's own keys (join or `Existing`): held exclusive covers a shared request;
+    ///   held shared + exclusive requested is an upgrade (waits for the other holders; on grant
+    ///   the lock becomes exclusive under a new fencing token, count + 1); a semaphore must be
+    ///   re-requested with the same permits (`Invalid` otherwise).
+    /// - A lease (existing, or the one a reentrant request joins) has at most one queued
+    ///   request at a time: a second one that would have to wait is refused with `Overloaded`
+    ///   (a lease waits for one thing at a time, like a database session; this keeps deadlock
+    ///   detection at enqueue time complete). A request that would close a wait-for cycle is
+    ///   refused with `Deadlock`.
     pub fn acquire(
         &mut self,
         now_ms: TimeMs,
