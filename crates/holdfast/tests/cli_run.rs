@@ -402,3 +402,86 @@ fn retries_exhausted_name_key_attempts_time_and_holder() {
     std::fs::write(&stop, "").unwrap();
     assert_eq!(first.wait().code(), Some(0));
 }
+
+#[test]
+fn shared_runs_overlap_and_exclude_an_exclusive_run() {
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let done = dir.path().join("done");
+    // Both readers must be inside at once to finish; the second also waits for `done`.
+    let script_a = format!("touch '{}'; {}", a.display(), sh_wait_for(&b));
+    let script_b = format!(
+        "touch '{}'; {}; {}",
+        b.display(),
+        sh_wait_for(&a),
+        sh_wait_for(&done)
+    );
+    let ra = Bg::spawn(run_sh(
+        &server,
+        &["--lock", "sh/k", "--shared", "--no-wait"],
+        &script_a,
+    ));
+    let rb = Bg::spawn(run_sh(
+        &server,
+        &["--lock", "sh/k", "--shared", "--no-wait"],
+        &script_b,
+    ));
+    assert_eq!(ra.wait().code(), Some(0));
+    // A writer is refused while a reader holds the key.
+    let out = server.run(&["run", "--lock", "sh/k", "--no-wait", "--", "true"]);
+    assert_eq!(out.code(), Some(3), "{out:?}");
+    std::fs::write(&done, "").unwrap();
+    assert_eq!(rb.wait().code(), Some(0));
+    let out = server.run(&["run", "--lock", "sh/k", "--no-wait", "--", "true"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+}
+
+#[test]
+fn several_keys_are_acquired_all_or_none() {
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    let stop = dir.path().join("stop");
+    let script = format!("touch '{}'; {}", started.display(), sh_wait_for(&stop));
+    let holder = Bg::spawn(run_sh(
+        &server,
+        &["--lock", "multi/b", "--holder", "b-holder"],
+        &script,
+    ));
+    wait_until("b is held", || started.exists());
+    let out = server.run(&[
+        "run",
+        "--lock",
+        "multi/a",
+        "--lock",
+        "multi/b",
+        "--no-wait",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.code(), Some(3), "{out:?}");
+    assert!(
+        out.stderr.contains("multi/b") && out.stderr.contains("b-holder"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        server.holders("multi/a").is_empty(),
+        "multi/a was not taken alone"
+    );
+    std::fs::write(&stop, "").unwrap();
+    assert_eq!(holder.wait().code(), Some(0));
+    let out = server.run(&[
+        "run",
+        "--lock",
+        "multi/a",
+        "--lock",
+        "multi/b",
+        "--no-wait",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+}
