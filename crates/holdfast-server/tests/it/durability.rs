@@ -168,3 +168,30 @@ async fn group_commit_shares_fsyncs() {
     assert!((1..=640 + 1).contains(&fsyncs), "fsyncs {fsyncs}");
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_extends_leases_by_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        restart_grace_ms: 600_000,
+        ..ServerConfig::ephemeral_sync(dir.path())
+    };
+    let s = TestServer::start(config.clone()).await;
+    let (st, lease) = s
+        .post(
+            "/v1/leases",
+            json!({"holder": "h", "ttl_ms": 5_000, "locks": [{"key": "grace/k"}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let id = lease["lease_id"].as_str().unwrap().to_owned();
+    s.shutdown().await;
+    let s = TestServer::start(config).await;
+    let (st, after) = s.get(&format!("/v1/leases/{id}")).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        after["remaining_ms"].as_u64().unwrap() > 5_000,
+        "expiry extended to at least restart + grace: {after}"
+    );
+    s.shutdown().await;
+}
