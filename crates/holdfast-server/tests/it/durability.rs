@@ -195,3 +195,14 @@ async fn restart_extends_leases_by_the_grace_period() {
     );
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig::ephemeral_sync(dir.path());
+    let first = TestServer::start(config.clone()).await;
+    let err = holdfast_server::start(config).await.unwrap_err();
+    assert!(err.to_string().contains("holdfast.redb"), "{err}");
+    eprintln!("second server on the same directory: {err}");
+    first.shutdown().await;
+}
