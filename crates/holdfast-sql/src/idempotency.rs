@@ -165,6 +165,26 @@ impl<DB: Database> Idempotency<DB> {
 
 type IdemRow = (String, String, Option<String>, Option<i64>);
 
+/// Inside a retry loop: a concurrency conflict of one statement (e.g. an InnoDB deadlock between
+/// concurrent inserts of one key) backs off briefly and starts the loop body again; any other
+/// error is returned.
+macro_rules! or_retry {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => {
+                let e: SqlLockError = e.into();
+                if crate::classify::Classify::conflict(&e).is_some() {
+                    let ms: u64 = rand::random_range(1..=20);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+    };
+}
+
 macro_rules! idempotency_impl {
     ($db:ty, $conn:ty, $dialect:expr) => {
         impl Idempotency<$db> {
@@ -201,7 +221,7 @@ macro_rules! idempotency_impl {
             /// [`SqlLockError::InvalidArgument`]; a database error.
             pub async fn begin(&self, key: &str, fingerprint: &str) -> Result<Begin> {
                 Self::check(key, fingerprint)?;
-                for _ in 0..8 {
+                for _ in 0..20 {
                     let now = self.clock.now_ms();
                     let token = random_token();
                     let lease_until = now.saturating_add(duration_ms(self.ttl.lease));
@@ -222,11 +242,11 @@ macro_rules! idempotency_impl {
                     let mut started = match inserted {
                         Ok(r) => r.rows_affected() == 1,
                         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => false,
-                        Err(e) => return Err(e.into()),
+                        Err(e) => or_retry!(Err::<bool, _>(e)),
                     };
                     if !started {
                         // Take over an expired record, or one whose executor's lease ran out.
-                        started = sqlx::query(self.q(
+                        started = or_retry!(sqlx::query(self.q(
                             "UPDATE {t} SET fingerprint = ?, state = 'in_progress', owner_token = ?, result_body = NULL, \
                              created_at_ms = ?, lease_until_ms = ?, expires_at_ms = ? \
                              WHERE idem_key = ? AND (expires_at_ms <= ? OR (state = 'in_progress' AND lease_until_ms <= ?))",
@@ -240,7 +260,7 @@ macro_rules! idempotency_impl {
                         .bind(now)
                         .bind(now)
                         .execute(&self.pool)
-                        .await?
+                        .await)
                         .rows_affected()
                             == 1;
                     }
@@ -251,12 +271,12 @@ macro_rules! idempotency_impl {
                             lease_until: ms_to_datetime(lease_until),
                         }));
                     }
-                    let row: Option<(String, String, Option<String>, Option<i64>)> = sqlx::query_as(self.q(
+                    let row: Option<(String, String, Option<String>, Option<i64>)> = or_retry!(sqlx::query_as(self.q(
                         "SELECT fingerprint, state, result_body, lease_until_ms FROM {t} WHERE idem_key = ?",
                     ))
                     .bind(key)
                     .fetch_optional(&self.pool)
-                    .await?;
+                    .await);
                     let Some((stored_fp, state, result, lease)): Option<IdemRow> = row else { continue };
                     if stored_fp != fingerprint {
                         return Ok(Begin::FingerprintMismatch);

@@ -173,6 +173,26 @@ impl<DB: Database> OfflineLocks<DB> {
 
 const COLUMNS: &str = "object_type, object_id, holder, reason, hold_count, acquired_at_ms, updated_at_ms, expires_at_ms";
 
+/// Inside a retry loop: a concurrency conflict of one statement (e.g. an InnoDB deadlock between
+/// concurrent inserts of one key) backs off briefly and starts the loop body again; any other
+/// error is returned.
+macro_rules! or_retry {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => {
+                let e: SqlLockError = e.into();
+                if crate::classify::Classify::conflict(&e).is_some() {
+                    let ms: u64 = rand::random_range(1..=20);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+    };
+}
+
 macro_rules! offline_impl {
     ($db:ty, $dialect:expr) => {
         impl OfflineLocks<$db> {
@@ -218,7 +238,7 @@ macro_rules! offline_impl {
                 ttl: Option<Duration>,
             ) -> Result<OfflineLock> {
                 Self::check(object_type, object_id, holder, reason)?;
-                for _ in 0..8 {
+                for _ in 0..20 {
                     let now = self.clock.now_ms();
                     let expires = ttl.map(|t| now.saturating_add(duration_ms(t)));
                     // 1. Insert if absent.
@@ -239,12 +259,12 @@ macro_rules! offline_impl {
                     let inserted = match inserted {
                         Ok(r) => r.rows_affected() == 1,
                         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => false,
-                        Err(e) => return Err(e.into()),
+                        Err(e) => or_retry!(Err::<bool, _>(e)),
                     };
                     if !inserted {
                         // 2. Reenter (same holder, not expired) or take over an expired row.
                         // MySQL evaluates SET left to right, so `holder` is assigned last.
-                        let updated = sqlx::query(self.q(
+                        let updated = or_retry!(sqlx::query(self.q(
                             "UPDATE {t} SET \
                              hold_count = CASE WHEN holder = ? AND (expires_at_ms IS NULL OR expires_at_ms > ?) THEN hold_count + 1 ELSE 1 END, \
                              acquired_at_ms = CASE WHEN holder = ? AND (expires_at_ms IS NULL OR expires_at_ms > ?) THEN acquired_at_ms ELSE ? END, \
@@ -265,11 +285,11 @@ macro_rules! offline_impl {
                         .bind(holder)
                         .bind(now)
                         .execute(&self.pool)
-                        .await?
+                        .await)
                         .rows_affected();
                         if updated == 0 {
                             // 3. Held by someone else (or released in between: try again).
-                            match self.row(object_type, object_id).await? {
+                            match or_retry!(self.row(object_type, object_id).await) {
                                 Some(l) if l.holder != holder => {
                                     return Err(SqlLockError::OfflineLockHeld {
                                         object_type: l.object_type,
@@ -283,7 +303,7 @@ macro_rules! offline_impl {
                             }
                         }
                     }
-                    if let Some(l) = self.row(object_type, object_id).await? {
+                    if let Some(l) = or_retry!(self.row(object_type, object_id).await) {
                         if l.holder == holder {
                             return Ok(l);
                         }

@@ -35,18 +35,35 @@ fn url(var: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_owned())
 }
 
+/// Probe `url` with one connection (at most 10 s), so an unreachable server is reported at once
+/// instead of after the pool's acquire timeout.
+async fn probe<C: sqlx::Connection>(url: &str) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(10), C::connect(url)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 10 s".to_owned()),
+    }
+}
+
 /// A PostgreSQL pool of `max` connections, or `None` (after skipping) if unreachable.
 pub async fn pg(test: &str, max: u32) -> Option<PgPool> {
     let url = url("HOLDFAST_TEST_POSTGRES_URL", PG_DEFAULT);
-    match PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect(&url)
-        .await
-    {
+    let connected = match probe::<sqlx::PgConnection>(&url).await {
+        Ok(()) => PgPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect(&url)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    match connected {
         Ok(p) => Some(p),
         Err(e) => {
-            unavailable(test, "PostgreSQL", &url, &e);
+            unavailable(&format!("postgres::{test}"), "PostgreSQL", &url, &e);
             None
         }
     }
@@ -55,15 +72,19 @@ pub async fn pg(test: &str, max: u32) -> Option<PgPool> {
 /// A MySQL/MariaDB pool of `max` connections, or `None` (after skipping) if unreachable.
 pub async fn mysql(test: &str, max: u32) -> Option<MySqlPool> {
     let url = url("HOLDFAST_TEST_MYSQL_URL", MYSQL_DEFAULT);
-    match MySqlPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect(&url)
-        .await
-    {
+    let connected = match probe::<sqlx::MySqlConnection>(&url).await {
+        Ok(()) => MySqlPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect(&url)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    match connected {
         Ok(p) => Some(p),
         Err(e) => {
-            unavailable(test, "MySQL/MariaDB", &url, &e);
+            unavailable(&format!("mysql::{test}"), "MySQL/MariaDB", &url, &e);
             None
         }
     }

@@ -589,6 +589,17 @@ macro_rules! scenarios {
                 let d = advisory::lock(&pool, &name, &AdvisoryOptions::no_wait().retry(fast_retry(50))).await.unwrap();
                 d.release().await.unwrap();
 
+                // Names over 64 characters (MySQL's limit): hashed, and still exclusive.
+                let long = format!("{name}/{}", "x".repeat(100));
+                let g = advisory::lock(&pool, &long, &AdvisoryOptions::no_wait()).await.unwrap();
+                assert!(matches!(
+                    advisory::lock(&pool, &long, &AdvisoryOptions::no_wait()).await,
+                    Err(SqlLockError::AdvisoryHeld { .. })
+                ));
+                let other = advisory::lock(&pool, &format!("{long}-other"), &AdvisoryOptions::no_wait()).await.unwrap();
+                other.release().await.unwrap();
+                g.release().await.unwrap();
+
                 // Different names do not interfere.
                 let e = advisory::lock(&pool, &format!("{name}-a"), &AdvisoryOptions::no_wait()).await.unwrap();
                 let f = advisory::lock(&pool, &format!("{name}-b"), &AdvisoryOptions::no_wait()).await.unwrap();
@@ -869,6 +880,107 @@ macro_rules! scenarios {
             fn _uses(_: AssertSqlSafe<String>) {}
         }
     };
+}
+
+/// PostgreSQL-only advisory features: transaction-level and shared locks.
+mod pg_only {
+    use holdfast_sql::SqlLockError;
+    use holdfast_sql::advisory::{
+        self, AdvisoryMode, AdvisoryOptions, pg_try_xact_lock, pg_xact_lock,
+    };
+
+    use crate::common::{pg, unique};
+    use crate::require;
+
+    #[tokio::test]
+    async fn transaction_level_advisory_locks_end_with_the_transaction() {
+        let pool = require!(pg("xact_advisory", 4));
+        let name = unique("xact");
+        let mut tx1 = pool.begin().await.unwrap();
+        pg_xact_lock(&mut tx1, &name, AdvisoryMode::Exclusive)
+            .await
+            .unwrap();
+        let mut tx2 = pool.begin().await.unwrap();
+        assert!(
+            !pg_try_xact_lock(&mut tx2, &name, AdvisoryMode::Exclusive)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !pg_try_xact_lock(&mut tx2, &name, AdvisoryMode::Shared)
+                .await
+                .unwrap()
+        );
+        // Same key space as session locks.
+        assert!(
+            advisory::lock(&pool, &name, &AdvisoryOptions::no_wait())
+                .await
+                .is_err()
+        );
+        tx1.commit().await.unwrap();
+        assert!(
+            pg_try_xact_lock(&mut tx2, &name, AdvisoryMode::Exclusive)
+                .await
+                .unwrap()
+        );
+        tx2.rollback().await.unwrap();
+        let g = advisory::lock(&pool, &name, &AdvisoryOptions::no_wait())
+            .await
+            .unwrap();
+        g.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shared_advisory_locks_coexist_and_exclude_exclusive() {
+        let pool = require!(pg("shared_advisory", 6));
+        let name = unique("shared");
+        let mut a = advisory::lock(&pool, &name, &AdvisoryOptions::no_wait().shared())
+            .await
+            .unwrap();
+        let b = advisory::lock(&pool, &name, &AdvisoryOptions::no_wait().shared())
+            .await
+            .unwrap();
+        a.check().await.unwrap();
+        let err = advisory::lock(&pool, &name, &AdvisoryOptions::no_wait())
+            .await
+            .unwrap_err();
+        match err {
+            SqlLockError::AdvisoryHeld {
+                holder: Some(h), ..
+            } => assert_eq!(h.matches("backend pid").count(), 2, "{h}"),
+            e => panic!("{e:?}"),
+        }
+        a.release().await.unwrap();
+        assert!(
+            advisory::lock(&pool, &name, &AdvisoryOptions::no_wait())
+                .await
+                .is_err(),
+            "b still shares it"
+        );
+        b.release().await.unwrap();
+        let x = advisory::lock(&pool, &name, &AdvisoryOptions::no_wait())
+            .await
+            .unwrap();
+        x.release().await.unwrap();
+    }
+}
+
+/// MySQL/MariaDB-only: `GET_LOCK` has no shared mode, said as a typed error.
+mod mysql_only {
+    use holdfast_sql::SqlLockError;
+    use holdfast_sql::advisory::{self, AdvisoryOptions};
+
+    use crate::common::{mysql, unique};
+    use crate::require;
+
+    #[tokio::test]
+    async fn shared_named_locks_are_unsupported() {
+        let pool = require!(mysql("shared_named", 2));
+        let err = advisory::lock(&pool, &unique("s"), &AdvisoryOptions::no_wait().shared())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SqlLockError::Unsupported { .. }), "{err:?}");
+    }
 }
 
 mod pg_support {
