@@ -156,7 +156,7 @@ impl Default for Config {
             lock_ttl: Duration::from_secs(30),
             idempotency_wait: Duration::from_secs(30),
             swap_lock_wait: Duration::from_secs(10),
-            instance: format!("clinic@{}", holdfast_client::default_holder()),
+            instance: format!("clinic/{}", holdfast_client::default_holder()),
         }
     }
 }

@@ -11,7 +11,8 @@ use clinic::{AppState, Config, Store};
 #[derive(Debug, Parser)]
 #[command(name = "clinic", version)]
 struct Args {
-    /// Address to listen on.
+    /// Address to listen on (port 0 picks a free port; the bound address is printed on stdout
+    /// as `listening on http://ADDR`).
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: String,
     /// Database: sqlite://FILE?mode=rwc (embedded default), postgres://…, or mysql://… (MariaDB ≥ 10.5).
@@ -66,7 +67,10 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, database = %redact(&args.database_url), holdfast = %args.holdfast_url, "clinic listening");
+    let addr = listener.local_addr().context("reading the bound address")?;
+    // On stdout, for scripts and tests that start the clinic on port 0.
+    println!("listening on http://{addr}");
+    tracing::info!(listen = %addr, database = %redact(&args.database_url), holdfast = %args.holdfast_url, "clinic listening");
     axum::serve(listener, clinic::router(state))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

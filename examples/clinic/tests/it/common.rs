@@ -222,6 +222,18 @@ impl App {
         })
     }
 
+    /// Execute one statement (`{p}` is the table prefix).
+    pub async fn exec(&self, sql: &str, args: &[i64]) {
+        let sql = self.store.sql(sql);
+        clinic::on_db!(&self.store.db, pool => {
+            let mut q = sqlx::query(sql);
+            for a in args {
+                q = q.bind(*a);
+            }
+            q.execute(pool).await.expect("exec");
+        });
+    }
+
     /// Stop the servers and drop this run's tables.
     pub async fn finish(self) {
         self.server.abort();

@@ -3,6 +3,7 @@
 //! off and shows the anomaly it prevents.
 
 mod appointments;
+mod binary;
 mod booking;
 mod common;
 mod patients;

@@ -210,6 +210,45 @@ async fn control_rollbacks_many_times(backend: Backend) {
     app.finish().await;
 }
 
+/// Fencing: an assignment last written under a newer grant than ours (here: a fence far in
+/// the future) refuses our write with 409 `stale_lock`, and the whole swap is rolled back.
+async fn stale_fencing_token_is_refused(backend: Backend) {
+    let Some(app) = app(backend, Options::default().holdfast()).await else {
+        return;
+    };
+    let (a, b) = assignments(&app).await;
+    app.exec(
+        "UPDATE {p}assignments SET fence = ? WHERE id = ?",
+        &[i64::MAX / 2, b],
+    )
+    .await;
+    let r = swap(&app, "k1", a, b).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (409, Some("stale_lock")),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(
+        (person(&app, a).await, person(&app, b).await),
+        ("Alice".to_owned(), "Bob".to_owned()),
+        "nothing written"
+    );
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM {p}swaps", &[]).await, 0);
+    // The failed execution was aborted, not stored: once the row is writable, a retry runs it.
+    app.exec("UPDATE {p}assignments SET fence = 0 WHERE id = ?", &[b])
+        .await;
+    let r = swap(&app, "k1", a, b).await;
+    assert_eq!(
+        (r.status.as_u16(), r.replayed),
+        (201, false),
+        "{:?}",
+        r.body
+    );
+    app.finish().await;
+}
+
+per_backend!(stale_fencing_token_is_refused: sqlite => Sqlite, postgres => Postgres);
 per_backend!(swap_executes_once_and_rolls_back_once: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
 per_backend!(rollbacks_under_different_keys_once: sqlite => Sqlite, postgres => Postgres);
 per_backend!(control_retries_execute_many_times: sqlite => Sqlite, postgres => Postgres);
