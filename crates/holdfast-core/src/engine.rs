@@ -601,8 +601,7 @@ impl Engine {
                     {
                         ks.delayed_until_ms = None;
                         self.dirty.lock_delays.insert(key.clone());
-                        self.wake(&key);
-                        self.gc_key(&key);
+                        self.settle_key(&key);
                     }
                 }
                 2 => {
@@ -1074,20 +1073,26 @@ impl Engine {
                     lease.locks.reserve_exact(1);
                 }
                 let family = Family::of(spec.kind);
-                if !self.keys.contains_key(&*h.key) {
-                    self.keys.insert(h.key.clone(), KeyState::new(family));
+                match self.keys.get_mut(spec.key.as_str()) {
+                    Some(ks) => {
+                        if !ks.in_use() {
+                            ks.family = family;
+                        }
+                        ks.holders.push(id);
+                        ks.held.add(spec.kind);
+                        if ks.holders.len() == 1 {
+                            self.held_keys += 1;
+                        }
+                    }
+                    None => {
+                        let mut ks = KeyState::new(family);
+                        ks.holders.push(id);
+                        ks.held.add(spec.kind);
+                        self.held_keys += 1;
+                        self.keys.insert(h.key.clone(), ks);
+                    }
                 }
                 lease.locks.insert(i, h);
-                if let Some(ks) = self.keys.get_mut(spec.key.as_str()) {
-                    if !ks.in_use() {
-                        ks.family = family;
-                    }
-                    ks.holders.push(id);
-                    ks.held.add(spec.kind);
-                    if ks.holders.len() == 1 {
-                        self.held_keys += 1;
-                    }
-                }
                 view
             }
         };
@@ -1187,8 +1192,7 @@ impl Engine {
                 Err(e) => {
                     // Nothing was granted: the requests behind it may now go.
                     for spec in &waiter.locks {
-                        self.wake(&spec.key);
-                        self.gc_key(&spec.key);
+                        self.settle_key(&spec.key);
                     }
                     WaitOutcome::Failed(e)
                 }
@@ -1200,8 +1204,7 @@ impl Engine {
     pub(crate) fn remove_waiter(&mut self, w: WaiterId) -> Option<LockWaiter> {
         let waiter = self.remove_waiter_quietly(w)?;
         for spec in &waiter.locks {
-            self.wake(&spec.key);
-            self.gc_key(&spec.key);
+            self.settle_key(&spec.key);
         }
         Some(waiter)
     }
@@ -1267,13 +1270,6 @@ impl Engine {
 
     // ----- releases -----
 
-    /// Remove key state that no longer holds anything.
-    pub(crate) fn gc_key(&mut self, key: &str) {
-        if self.keys.get(key).is_some_and(KeyState::is_empty) {
-            self.keys.remove(key);
-        }
-    }
-
     /// Detach a lock from a lease and from the key's holders (no events, no delay).
     fn take_lock(&mut self, id: LeaseId, key: &str) -> Option<HeldLock> {
         let lease = self.leases.get_mut(&id)?;
@@ -1320,14 +1316,18 @@ impl Engine {
         if !matches!(how, Removal::Released) && held.lock_delay_ms > 0 {
             self.set_delay(&held.key, t.saturating_add(held.lock_delay_ms));
         }
-        self.wake(&held.key);
-        self.gc_key(&held.key);
+        self.settle_key(&held.key);
     }
 
-    /// Re-examine a key's queue at the next grant pass (if it has one).
-    pub(crate) fn wake(&mut self, key: &str) {
-        if self.keys.get(key).is_some_and(|ks| !ks.queue.is_empty()) {
-            self.worklist.push(key.into());
+    /// After a key lost a holder, waiter or delay: drop it if nothing is left, else have the
+    /// next grant pass re-examine its queue (if it has one).
+    pub(crate) fn settle_key(&mut self, key: &str) {
+        match self.keys.get(key) {
+            Some(ks) if ks.is_empty() => {
+                self.keys.remove(key);
+            }
+            Some(ks) if !ks.queue.is_empty() => self.worklist.push(key.into()),
+            _ => {}
         }
     }
 
