@@ -7,7 +7,7 @@
 //!
 //! | module | what | PostgreSQL | MySQL / MariaDB | SQLite |
 //! |---|---|---|---|---|
-//! | [`transaction`] | retried transactions, isolation, timeout, savepoints, metrics | yes | yes | yes (always serializable; busy retried) |
+//! | [`transaction`](mod@transaction) | retried transactions, isolation, timeout, savepoints, metrics | yes | yes | yes (always serializable; busy retried) |
 //! | [`advisory`] | named locks with a guard and the client's retry policy | `pg_advisory_lock` family | `GET_LOCK` | no (no such locks) |
 //! | [`rows`] | row locks in deterministic order, NOWAIT / SKIP LOCKED / timeout | yes | yes | no (database-level locking only) |
 //! | [`optimistic`] | versioned updates, typed conflicts, retry helper | yes | yes | yes |

@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, MySqlConnection, PgConnection, SqliteConnection};
 
-use crate::classify::classify_sqlx;
+use crate::classify::{Conflict, classify_sqlx};
 use crate::error::{Result, SqlLockError};
 use crate::sql::Dialect;
 
@@ -175,7 +175,8 @@ impl RowLock {
             Some(conflict) if conflict.is_lock_refusal() => SqlLockError::RowsLocked {
                 table: self.table.clone(),
                 keys,
-                conflict,
+                // MariaDB reports a NOWAIT refusal as a lock wait timeout (1205); we know better.
+                conflict: if self.wait == RowLockWait::NoWait { Conflict::LockNotAvailable } else { conflict },
                 source: e,
             },
             _ => SqlLockError::Sql(e),
