@@ -176,7 +176,11 @@ impl RowLock {
                 table: self.table.clone(),
                 keys,
                 // MariaDB reports a NOWAIT refusal as a lock wait timeout (1205); we know better.
-                conflict: if self.wait == RowLockWait::NoWait { Conflict::LockNotAvailable } else { conflict },
+                conflict: if self.wait == RowLockWait::NoWait {
+                    Conflict::LockNotAvailable
+                } else {
+                    conflict
+                },
                 source: e,
             },
             _ => SqlLockError::Sql(e),

@@ -161,3 +161,15 @@ macro_rules! require {
         }
     };
 }
+
+/// Tells `notify` at every sleep (so a test can release a lock exactly when the retry loop
+/// backs off), then sleeps briefly.
+#[derive(Debug)]
+pub struct SignalSleeper(pub Arc<tokio::sync::Notify>);
+
+impl Sleeper for SignalSleeper {
+    fn sleep(&self, _d: Duration) -> SleepFuture {
+        self.0.notify_one();
+        Box::pin(tokio::time::sleep(Duration::from_millis(5)))
+    }
+}

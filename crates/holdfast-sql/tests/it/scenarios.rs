@@ -441,6 +441,60 @@ macro_rules! scenarios {
                 drop_table(&pool, &t).await;
             }
 
+            /// NOWAIT-and-retry, deterministically: a row is held; the transaction's NOWAIT lock
+            /// is refused with the typed error, the wrapper backs off (and the holder commits
+            /// exactly then), and the retry succeeds.
+            #[tokio::test]
+            async fn nowait_refusal_is_retried_by_the_transaction() {
+                let pool = require!($pool("nowait_retry", 4));
+                let t = unique("nowait");
+                exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")).await;
+                exec(&pool, &format!("INSERT INTO {t} (id, v) VALUES (1, 0)")).await;
+                let mut holder = pool.begin().await.unwrap();
+                $lock_rows(&mut *holder, &RowLock::new(&t, "id"), [1i64]).await.unwrap();
+                sqlx::query(q(D, &format!("UPDATE {t} SET v = 10 WHERE id = 1"))).execute(&mut *holder).await.unwrap();
+
+                let notify = Arc::new(tokio::sync::Notify::new());
+                let n2 = notify.clone();
+                let releaser = tokio::spawn(async move {
+                    n2.notified().await;
+                    holder.commit().await.unwrap();
+                });
+                let opts = TxOptions::default()
+                    .isolation(IsolationLevel::ReadCommitted)
+                    .retry(fast_retry(100))
+                    .sleeper(Arc::new(crate::common::SignalSleeper(notify)));
+                let (r, report) = transaction_with_report(&pool, &opts, |conn| {
+                    let t = t.clone();
+                    Box::pin(async move {
+                        $lock_rows(&mut *conn, &RowLock::new(&t, "id").nowait(), [1i64]).await?;
+                        sqlx::query(q(D, &format!("UPDATE {t} SET v = v + 1 WHERE id = 1"))).execute(&mut *conn).await?;
+                        Ok::<_, SqlLockError>(())
+                    })
+                })
+                .await;
+                r.unwrap();
+                releaser.await.unwrap();
+                assert_eq!(report.conflicts.first(), Some(&Conflict::LockNotAvailable), "{report:?}");
+                assert!(report.attempts >= 2);
+                assert_eq!(scalar(&pool, &format!("SELECT v FROM {t} WHERE id = 1")).await, 11);
+
+                // With lock refusals not retried, the typed error reaches the caller.
+                let mut holder = pool.begin().await.unwrap();
+                $lock_rows(&mut *holder, &RowLock::new(&t, "id"), [1i64]).await.unwrap();
+                let r: Result<(), SqlLockError> = transaction(&pool, &TxOptions::default().retry_lock_refusals(false), |conn| {
+                    let t = t.clone();
+                    Box::pin(async move {
+                        $lock_rows(&mut *conn, &RowLock::new(&t, "id").nowait(), [1i64]).await?;
+                        Ok(())
+                    })
+                })
+                .await;
+                assert!(matches!(r, Err(SqlLockError::RowsLocked { conflict: Conflict::LockNotAvailable, .. })), "{r:?}");
+                holder.rollback().await.unwrap();
+                drop_table(&pool, &t).await;
+            }
+
             /// Rollback on error, on panic and on timeout; nested savepoints.
             #[tokio::test]
             async fn rollback_paths_and_savepoints() {

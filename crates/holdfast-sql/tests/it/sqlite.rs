@@ -7,12 +7,14 @@ use std::time::Duration;
 use holdfast_sql::idempotency::{Begin, Idempotency};
 use holdfast_sql::offline::OfflineLocks;
 use holdfast_sql::optimistic::{SqlValue, Versioned, update_versioned_sqlite};
-use holdfast_sql::retry::{Jitter, RetryPolicy, SleepFuture, Sleeper};
+use holdfast_sql::retry::{Jitter, RetryPolicy};
 use holdfast_sql::rows::{RowLock, lock_rows_sqlite};
 use holdfast_sql::transaction::{TxMetrics, TxOptions, transaction, transaction_with_report};
 use holdfast_sql::{Classify, Conflict, SqlLockError, savepoint};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use tokio::sync::Notify;
+
+use crate::common::SignalSleeper;
 
 /// A database file under the temp directory, deleted on drop.
 struct TempDb(std::path::PathBuf);
@@ -47,17 +49,6 @@ async fn file_pool(db: &TempDb, busy: Duration, max: u32) -> SqlitePool {
         .connect_with(opts)
         .await
         .unwrap()
-}
-
-/// Tells `notify` at its first sleep, then sleeps briefly (so the holder can commit).
-#[derive(Debug)]
-struct SignalSleeper(Arc<Notify>);
-
-impl Sleeper for SignalSleeper {
-    fn sleep(&self, _d: Duration) -> SleepFuture {
-        self.0.notify_one();
-        Box::pin(tokio::time::sleep(Duration::from_millis(5)))
-    }
 }
 
 /// A writer blocked by another connection's write transaction gets SQLITE_BUSY (classified by
