@@ -21,6 +21,7 @@ use std::hash::Hash;
 
 use crate::engine::{Engine, demand};
 use crate::keys::{Family, Usage, conflicts};
+use crate::leases::Lease;
 use crate::types::{LeaseId, LockSpec, WaiterId};
 
 /// A node of the wait-for graph.
@@ -145,7 +146,7 @@ impl Engine {
             Node::Lease(id) => self
                 .leases
                 .get(&id)
-                .and_then(|l| l.pending)
+                .and_then(Lease::pending)
                 .map(Node::Waiter)
                 .into_iter()
                 .collect(),
@@ -207,7 +208,7 @@ impl Engine {
     /// may close a cycle. If it does, the request fails with `Deadlock` now rather than
     /// waiting for its timeout.
     pub(crate) fn recheck_pending(&mut self, id: LeaseId, key: &str, t: crate::types::TimeMs) {
-        let Some(w) = self.leases.get(&id).and_then(|l| l.pending) else {
+        let Some(w) = self.leases.get(&id).and_then(Lease::pending) else {
             return;
         };
         let Some(waiter) = self.waiters.get(&w) else {

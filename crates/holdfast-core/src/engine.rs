@@ -4,6 +4,7 @@
 //! the invariant checker in `invariants.rs`, deadlock detection in `deadlock.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::error::{LockError, RestoreError};
 use crate::idempotency::{IdemEntry, IdemWaiter};
@@ -79,7 +80,7 @@ pub struct Engine {
     pub(crate) event_seq_next: u64,
     pub(crate) next_waiter_id: u64,
     pub(crate) leases: HashMap<LeaseId, Lease>,
-    pub(crate) keys: HashMap<Box<str>, KeyState>,
+    pub(crate) keys: HashMap<Arc<str>, KeyState>,
     pub(crate) waiters: HashMap<WaiterId, LockWaiter>,
     pub(crate) idem: HashMap<Box<str>, IdemEntry>,
     pub(crate) idem_waiters: HashMap<WaiterId, IdemWaiter>,
@@ -388,7 +389,7 @@ impl Engine {
             .lock_delays
             .into_iter()
             .map(|k| {
-                let d = self.keys.get(&k).and_then(|ks| ks.delayed_until_ms);
+                let d = self.keys.get(&*k).and_then(|ks| ks.delayed_until_ms);
                 (k.into_string(), d)
             })
             .collect();
@@ -597,7 +598,7 @@ impl Engine {
                 }
                 1 => {
                     if let Some((_, key)) = self.delay_timers.pop_first()
-                        && let Some(ks) = self.keys.get_mut(&key)
+                        && let Some(ks) = self.keys.get_mut(&*key)
                     {
                         ks.delayed_until_ms = None;
                         self.dirty.lock_delays.insert(key.clone());
@@ -856,7 +857,7 @@ impl Engine {
             });
         }
         if let Some(id) = target
-            && self.leases.get(&id).is_some_and(|l| l.pending.is_some())
+            && self.leases.get(&id).is_some_and(|l| l.pending().is_some())
         {
             return Err(LockError::Overloaded {
                 what: "queued requests of this lease".to_owned(),
@@ -923,7 +924,7 @@ impl Engine {
         if let Some(lid) = target
             && let Some(l) = self.leases.get_mut(&lid)
         {
-            l.pending = Some(id);
+            l.set_pending(Some(id));
         }
         let wait_target = match (target, request.target) {
             (Some(lid), _) => WaitTarget::Lease(lid),
@@ -958,24 +959,24 @@ impl Engine {
             ));
         }
         let expires_at_ms = t.saturating_add(nl.ttl_ms);
+        let extra = LeaseExtra {
+            reason: nl.reason.as_deref().map(Into::into),
+            metadata: nl.metadata.as_deref().map(Into::into),
+            owner: nl.owner.as_deref().map(Into::into),
+            executing,
+        }
+        .boxed();
         self.leases.insert(
             nl.lease_id,
-            Lease {
-                id: nl.lease_id,
-                holder: nl.holder.as_str().into(),
-                ttl_ms: nl.ttl_ms,
+            Lease::new(
+                nl.lease_id,
+                nl.holder.as_str().into(),
+                nl.ttl_ms,
                 expires_at_ms,
-                created_at_ms: t,
-                locks: Vec::new(),
-                pending: None,
-                extra: LeaseExtra {
-                    reason: nl.reason.as_deref().map(Into::into),
-                    metadata: nl.metadata.as_deref().map(Into::into),
-                    owner: nl.owner.as_deref().map(Into::into),
-                    executing,
-                }
-                .boxed(),
-            },
+                t,
+                Vec::new(),
+                extra,
+            ),
         );
         self.lease_timers.insert((expires_at_ms, nl.lease_id));
         self.dirty.leases.insert(nl.lease_id);
@@ -1058,8 +1059,13 @@ impl Engine {
                 h.view()
             }
             Err(i) => {
+                // Share the key's text with the key table when the key is already in use.
+                let key: Arc<str> = match self.keys.get_key_value(spec.key.as_str()) {
+                    Some((k, _)) => Arc::clone(k),
+                    None => spec.key.as_str().into(),
+                };
                 let h = HeldLock {
-                    key: spec.key.as_str().into(),
+                    key,
                     kind: spec.kind,
                     fencing_token: self.fencing_next,
                     count: 1,
@@ -1222,9 +1228,9 @@ impl Engine {
         }
         if let Some(id) = waiter.target_lease()
             && let Some(l) = self.leases.get_mut(&id)
-            && l.pending == Some(w)
+            && l.pending() == Some(w)
         {
-            l.pending = None;
+            l.set_pending(None);
         }
         Some(waiter)
     }
@@ -1378,7 +1384,7 @@ impl Engine {
             self.unhold(id, held);
             self.after_unhold(t, &lease.holder, held, how);
         }
-        if let Some(w) = lease.pending {
+        if let Some(w) = lease.pending() {
             self.remove_waiter(w);
             self.notify(
                 w,

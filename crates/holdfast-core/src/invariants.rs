@@ -72,7 +72,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
                 h.key
             );
         }
-        if let Some(w) = lease.pending {
+        if let Some(w) = lease.pending() {
             let waiter = e
                 .waiters
                 .get(&w)
@@ -158,7 +158,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             delays += 1;
             ensure!(d > now, "key {key} delay until {d} not ended at {now}");
             ensure!(
-                e.delay_timers.contains(&(d, key.clone())),
+                e.delay_timers.contains(&(d, Box::from(&**key))),
                 "key {key} delay has no timer"
             );
         }
@@ -220,7 +220,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
                 .get(&id)
                 .ok_or_else(|| format!("waiter {w:?} for missing lease {id}"))?;
             ensure!(
-                lease.pending == Some(*w),
+                lease.pending() == Some(*w),
                 "lease {id} does not point to its waiter"
             );
             ensure!(

@@ -4,12 +4,14 @@
 //! table only lists which leases hold a key. Strings are boxed (`Box<str>`, 16 bytes) to keep a
 //! held lock small.
 
+use std::sync::Arc;
+
 use crate::types::{HeldLockView, LeaseId, LeaseRecord, LeaseView, LockKind, TimeMs, WaiterId};
 
 /// One lock held by a lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct HeldLock {
-    pub key: Box<str>,
+    pub key: Arc<str>,
     pub kind: LockKind,
     pub fencing_token: u64,
     pub count: u32,
@@ -51,8 +53,9 @@ pub(crate) struct Lease {
     pub created_at_ms: TimeMs,
     /// Held locks, sorted by key (binary search; listings need key order anyway).
     pub locks: Vec<HeldLock>,
-    /// The lease's one queued lock request (incremental or reentrant join), if any.
-    pub pending: Option<WaiterId>,
+    /// The lease's one queued lock request (incremental or reentrant join), if any;
+    /// 0 = none (waiter ids start at 1; 8 bytes instead of 16 for an `Option`).
+    pending_raw: u64,
     /// Rarely set fields, boxed so a plain lease stays small.
     pub extra: Option<Box<LeaseExtra>>,
 }
@@ -75,6 +78,36 @@ impl LeaseExtra {
 }
 
 impl Lease {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: LeaseId,
+        holder: Box<str>,
+        ttl_ms: u64,
+        expires_at_ms: TimeMs,
+        created_at_ms: TimeMs,
+        locks: Vec<HeldLock>,
+        extra: Option<Box<LeaseExtra>>,
+    ) -> Self {
+        Lease {
+            id,
+            holder,
+            ttl_ms,
+            expires_at_ms,
+            created_at_ms,
+            locks,
+            pending_raw: 0,
+            extra,
+        }
+    }
+
+    pub fn pending(&self) -> Option<WaiterId> {
+        (self.pending_raw != 0).then_some(WaiterId(self.pending_raw))
+    }
+
+    pub fn set_pending(&mut self, w: Option<WaiterId>) {
+        self.pending_raw = w.map_or(0, |w| w.0);
+    }
+
     pub fn reason(&self) -> Option<&str> {
         self.extra.as_ref().and_then(|x| x.reason.as_deref())
     }

@@ -56,7 +56,7 @@ pub(crate) fn restore(
 
     let mut tokens: HashSet<u64> = HashSet::new();
     // key -> (holder lease, token) to order holders by grant order.
-    let mut holders: HashMap<Box<str>, Vec<(u64, LeaseId)>> = HashMap::new();
+    let mut holders: HashMap<std::sync::Arc<str>, Vec<(u64, LeaseId)>> = HashMap::new();
     for rec in state.leases {
         let id = rec.lease_id;
         if e.leases.contains_key(&id) {
@@ -108,22 +108,21 @@ pub(crate) fn restore(
         e.lease_timers.insert((expires_at_ms, id));
         e.leases.insert(
             id,
-            Lease {
+            Lease::new(
                 id,
-                holder: rec.holder.into(),
-                ttl_ms: rec.ttl_ms,
+                rec.holder.into(),
+                rec.ttl_ms,
                 expires_at_ms,
-                created_at_ms: rec.created_at_ms,
+                rec.created_at_ms,
                 locks,
-                pending: None,
-                extra: LeaseExtra {
+                LeaseExtra {
                     reason: rec.reason.map(Into::into),
                     metadata: rec.metadata.map(Into::into),
                     owner: rec.owner.map(Into::into),
                     executing: None,
                 }
                 .boxed(),
-            },
+            ),
         );
     }
 
