@@ -12,7 +12,7 @@ use holdfast_core::*;
 use proptest::prelude::*;
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: common::cases(192), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(1500), ..ProptestConfig::default() })]
 
     #[test]
     fn deadlock_detection_matches_brute_force(ops in proptest::collection::vec(op_strategy(12), 1..70)) {

@@ -10,7 +10,7 @@ use common::model::{Harness, op_strategy};
 use proptest::prelude::*;
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: common::cases(256), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(2000), ..ProptestConfig::default() })]
 
     #[test]
     fn engine_matches_model(ops in proptest::collection::vec(op_strategy(3), 1..80)) {

@@ -246,7 +246,7 @@ impl Runner {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: common::cases(160), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(800), ..ProptestConfig::default() })]
 
     #[test]
     fn restore_of_snapshot_behaves_the_same(
