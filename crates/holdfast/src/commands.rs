@@ -139,6 +139,12 @@ pub async fn renew(client: &Client, out: &Output, lease_id: &str, ttl: Option<Du
             }
             0
         }
+        Err(ClientError::LeaseNotFound { message }) => {
+            // Renewing a lease that is gone means its locks are lost (exit 4, like `run`).
+            let e = ClientError::LeaseNotFound { message };
+            out.fail("renew", &e);
+            crate::exit::LOST
+        }
         Err(e) => out.fail("renew", &e),
     }
 }

@@ -22,7 +22,8 @@ Exit codes:
   1    error (anything not listed below)
   2    usage error (bad flags or arguments)
   3    lock not acquired: held by someone else (no-wait), or every retry failed / the wait timed out
-  4    lock lost while `run` was running the command (the command was stopped: SIGTERM, then SIGKILL)
+  4    lock lost: while `run` was running the command (the command was stopped: SIGTERM, then
+       SIGKILL), or `renew` found the lease gone
   5    server unreachable or unavailable (connection refused, no answer in time, 503 overloaded)
   6    unauthorized or forbidden (token missing, wrong, or not allowed for the key)
   `run` otherwise exits with the command's own status (128+N if it was killed by signal N);

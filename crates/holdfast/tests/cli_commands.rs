@@ -57,6 +57,9 @@ fn acquire_prints_shell_assignments_renew_and_release_by_id() {
     let out = server.run(&["release", &lease_id]);
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(out.stderr.contains("lease not found"), "{}", out.stderr);
+    // Renewing it: the lock is lost.
+    let out = server.run(&["renew", &lease_id]);
+    assert_eq!(out.code(), Some(4), "{out:?}");
 }
 
 #[test]
