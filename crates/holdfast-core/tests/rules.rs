@@ -957,3 +957,42 @@ fn executor_lease_released_frees_the_record() {
         IdempotencyOutcome::Started(_)
     ));
 }
+
+#[test]
+fn engine_is_send_for_the_server_actor() {
+    fn assert_send<T: Send + 'static>() {}
+    assert_send::<Engine>();
+}
+
+#[test]
+fn lock_info_shows_holders_waiters_times_and_delay() {
+    let mut e = Engine::default();
+    let mut r = req_new(1, "a", vec![s("k")], 0);
+    r.locks[0].lock_delay_ms = 100;
+    if let LeaseTarget::New(nl) = &mut r.target {
+        nl.reason = Some("report".into());
+    }
+    let g = granted(acq(&mut e, 5, r));
+    queued(acq(&mut e, 7, req_new(2, "b", vec![x("k")], 1_000)));
+    let info = e.lock_info("k").unwrap();
+    assert_eq!(info.holders[0].0, lid(1));
+    let h = &info.holders[0].1;
+    assert_eq!(
+        (h.since_ms, h.expires_at_ms, h.fencing_token, h.count),
+        (5, 10_005, g.granted[0].fencing_token, 1)
+    );
+    assert_eq!(h.reason.as_deref(), Some("report"));
+    let w = &info.waiters[0];
+    assert_eq!(
+        (w.holder.as_str(), w.kind, w.since_ms, w.deadline_ms),
+        ("b", LockKind::Exclusive, 7, 1_007)
+    );
+    // Force release: b is held back by the lock-delay, and the listing shows it.
+    e.force_release_lock(10, "k", "stuck reader").unwrap();
+    let info = e.lock_info("k").unwrap();
+    assert_eq!(info.delayed_until_ms, Some(110));
+    assert_eq!(info.waiters.len(), 1);
+    assert_eq!(e.list_locks(&LockFilter::default()).len(), 1);
+    tick(&mut e, 110);
+    assert_eq!(holders_of(&e, "k"), vec!["b"]);
+}
