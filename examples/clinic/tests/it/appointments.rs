@@ -314,9 +314,9 @@ async fn control_duplicate_ratings(backend: Backend) {
     app.finish().await;
 }
 
-per_backend!(transitions_by_role: sqlite => Sqlite, postgres => Postgres);
+per_backend!(transitions_by_role: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
 per_backend!(concurrent_transitions_one_wins: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
-per_backend!(control_transitions_without_locks: sqlite => Sqlite, postgres => Postgres);
+per_backend!(control_transitions_without_locks: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
 per_backend!(one_prescription_and_one_rating: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
-per_backend!(control_duplicate_prescriptions: sqlite => Sqlite, postgres => Postgres);
-per_backend!(control_duplicate_ratings: sqlite => Sqlite);
+per_backend!(control_duplicate_prescriptions: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
+per_backend!(control_duplicate_ratings: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);

@@ -135,4 +135,4 @@ async fn booking_validation(backend: Backend) {
 
 per_backend!(fifty_concurrent_bookings_one_wins: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
 per_backend!(control_without_locks_double_books: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
-per_backend!(booking_validation: sqlite => Sqlite, postgres => Postgres);
+per_backend!(booking_validation: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);

@@ -91,7 +91,34 @@ pub struct App {
     pub holdfast: Option<RunningServer>,
     pub holdfast_client: Option<holdfast_client::Client>,
     server: tokio::task::JoinHandle<()>,
+    /// Where to drop this run's tables if the test panics before [`App::finish`].
+    leftovers: Option<(String, String)>,
     _dir: tempfile::TempDir,
+}
+
+impl Drop for App {
+    /// A failed assertion skips `finish`: drop the run's tables from a fresh runtime on another
+    /// thread (the test's runtime is unwinding), so failed runs leave nothing behind either.
+    fn drop(&mut self) {
+        let Some((url, prefix)) = self.leftovers.take() else {
+            return;
+        };
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(store) = Store::connect(&url, &prefix, 1).await {
+                    let _ = clinic::db::drop_tables(&store).await;
+                    store.close().await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
 }
 
 /// Start a clinic on `backend`, or `None` (with the reason printed) if that database is not
@@ -145,6 +172,7 @@ pub async fn app(backend: Backend, options: Options) -> Option<App> {
         .pool_max_idle_per_host(64)
         .build()
         .expect("http client");
+    let leftovers = (backend != Backend::Sqlite).then(|| (url.clone(), prefix.clone()));
     Some(App {
         base: format!("http://{addr}"),
         http,
@@ -152,6 +180,7 @@ pub async fn app(backend: Backend, options: Options) -> Option<App> {
         holdfast,
         holdfast_client,
         server,
+        leftovers,
         _dir: dir,
     })
 }
@@ -235,9 +264,10 @@ impl App {
     }
 
     /// Stop the servers and drop this run's tables.
-    pub async fn finish(self) {
+    pub async fn finish(mut self) {
+        self.leftovers = None;
         self.server.abort();
-        if let Some(h) = self.holdfast {
+        if let Some(h) = self.holdfast.take() {
             h.shutdown().await;
         }
         clinic::db::drop_tables(&self.store)

@@ -197,4 +197,4 @@ async fn control_editors_lose_updates(backend: Backend) {
 
 per_backend!(offline_lock_412_and_reentrant: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
 per_backend!(concurrent_editors_one_at_a_time: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
-per_backend!(control_editors_lose_updates: sqlite => Sqlite, postgres => Postgres);
+per_backend!(control_editors_lose_updates: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);

@@ -248,8 +248,8 @@ async fn stale_fencing_token_is_refused(backend: Backend) {
     app.finish().await;
 }
 
-per_backend!(stale_fencing_token_is_refused: sqlite => Sqlite, postgres => Postgres);
+per_backend!(stale_fencing_token_is_refused: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
 per_backend!(swap_executes_once_and_rolls_back_once: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
-per_backend!(rollbacks_under_different_keys_once: sqlite => Sqlite, postgres => Postgres);
-per_backend!(control_retries_execute_many_times: sqlite => Sqlite, postgres => Postgres);
-per_backend!(control_rollbacks_many_times: sqlite => Sqlite);
+per_backend!(rollbacks_under_different_keys_once: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
+per_backend!(control_retries_execute_many_times: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
+per_backend!(control_rollbacks_many_times: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);

@@ -154,7 +154,7 @@ async fn control_interleaved_imports_duplicate(backend: Backend) {
     app.finish().await;
 }
 
-per_backend!(same_type_imports_are_serialized: sqlite => Sqlite, postgres => Postgres);
-per_backend!(different_types_run_concurrently: sqlite => Sqlite, postgres => Postgres);
-per_backend!(no_wait_fails_fast_naming_the_holder: sqlite => Sqlite);
-per_backend!(control_interleaved_imports_duplicate: sqlite => Sqlite, postgres => Postgres);
+per_backend!(same_type_imports_are_serialized: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
+per_backend!(different_types_run_concurrently: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
+per_backend!(no_wait_fails_fast_naming_the_holder: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
+per_backend!(control_interleaved_imports_duplicate: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
