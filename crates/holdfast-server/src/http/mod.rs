@@ -207,6 +207,9 @@ async fn observe(req: Request, next: Next) -> Response {
         .extensions()
         .get::<RouteLabel>()
         .map_or_else(|| "unmatched".to_owned(), |r| r.0.clone());
+    if response.status().is_server_error() && response.status() != StatusCode::SERVICE_UNAVAILABLE {
+        tracing::error!(%route, %method, status = response.status().as_u16(), "request failed with a server error (bug)");
+    }
     let status = response.status().as_u16().to_string();
     metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route, "method" => method, "status" => status)
         .increment(1);
