@@ -187,6 +187,17 @@ pub fn port_of(url: &str) -> Option<u16> {
     host_port.rsplit_once(':')?.1.parse().ok()
 }
 
+/// The 1-minute load average (`/proc/loadavg`): how busy the machine was around a run.
+#[must_use]
+pub fn load_average() -> Option<f64> {
+    fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// `nproc` and the CPU model, for the report header.
 #[must_use]
 pub fn machine() -> (usize, String) {

@@ -103,6 +103,9 @@ pub struct Meta {
     pub cpu_model: String,
     /// The command line.
     pub command: String,
+    /// 1-minute load average when the run started and when it ended: the machine is shared,
+    /// and a load above `nproc` means other work competed with the systems measured.
+    pub load_average: (Option<f64>, Option<f64>),
     /// Warm-up and measured duration of W1/W2.
     pub timing: Timing,
     /// How holdfast was driven (`client` or `http`).
@@ -302,6 +305,14 @@ impl Report {
             meta.date, meta.nproc, meta.cpu_model
         );
         let _ = writeln!(out, "Command: `{}`", meta.command);
+        let load = |value: Option<f64>| value.map_or_else(|| "?".to_owned(), |v| format!("{v:.2}"));
+        let _ = writeln!(
+            out,
+            "Load average (1 min) at start {} and at end {} on {} CPUs.",
+            load(meta.load_average.0),
+            load(meta.load_average.1),
+            meta.nproc
+        );
         let _ = writeln!(
             out,
             "W1/W2: warm-up {:.1} s (not counted), measured {:.1} s; holdfast driven through {}.\n",

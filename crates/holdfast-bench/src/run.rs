@@ -377,6 +377,7 @@ fn peer(system: SystemId, url: &str, note: String) -> PeerInfo {
 /// The whole run.
 pub async fn run(config: Config) -> anyhow::Result<Report> {
     let (nproc, cpu_model) = crate::procfs::machine();
+    let load_at_start = crate::procfs::load_average();
     let mut rows = Vec::new();
     let mut notes = config.notes.clone();
     let mut peers = Vec::new();
@@ -472,6 +473,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             nproc,
             cpu_model,
             command: config.command.clone(),
+            load_average: (load_at_start, crate::procfs::load_average()),
             timing: config.timing,
             holdfast_transport: config.holdfast_transport.describe().to_owned(),
             peers,

@@ -239,7 +239,12 @@ pub async fn hot_key<S: LockSystem>(
                     };
                     let granted = Instant::now();
                     if !hold.is_zero() {
-                        tokio::time::sleep(hold).await;
+                        // tokio's timer has a 1 ms granularity and rounds up (a 1 ms sleep
+                        // lasts about 2 ms); a thread sleep on the blocking pool is precise to
+                        // tens of µs. Only the holder sleeps, so one blocking thread at a time.
+                        tokio::task::spawn_blocking(move || std::thread::sleep(hold))
+                            .await
+                            .context("hold sleep")?;
                     }
                     let release_called = Instant::now();
                     conn.release(&key, token).await?;
