@@ -18,7 +18,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use holdfast_api::LeaseResponse;
+use holdfast_api::{AddLocksRequest, LeaseResponse, LockRequest};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -82,11 +82,22 @@ pub struct LeaseStatus {
     pub deadline: Instant,
 }
 
+/// The keys a guard holds with their fencing tokens, shared by the guard, its contexts and its
+/// renewal task (keys added with [`LockGuard::add`] join it).
+pub(crate) type SharedLocks = Arc<std::sync::Mutex<Vec<(String, u64)>>>;
+
+fn read_locks(locks: &SharedLocks) -> Vec<(String, u64)> {
+    locks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 /// An owned handle on a lease's status: lost/at-risk checks that can move into tasks.
 #[derive(Debug, Clone)]
 pub struct LockContext {
     lease_id: String,
-    fencing_tokens: Vec<(String, u64)>,
+    fencing_tokens: SharedLocks,
     status: watch::Receiver<LeaseStatus>,
 }
 
@@ -100,13 +111,16 @@ impl LockContext {
     /// The fencing token of the first key.
     #[must_use]
     pub fn fencing_token(&self) -> u64 {
-        self.fencing_tokens.first().map_or(0, |(_, t)| *t)
+        read_locks(&self.fencing_tokens)
+            .first()
+            .map_or(0, |(_, t)| *t)
     }
 
-    /// Every key with its fencing token, in the order they were asked for.
+    /// Every key with its fencing token, in the order they were asked for (keys added later
+    /// at the end).
     #[must_use]
-    pub fn fencing_tokens(&self) -> &[(String, u64)] {
-        &self.fencing_tokens
+    pub fn fencing_tokens(&self) -> Vec<(String, u64)> {
+        read_locks(&self.fencing_tokens)
     }
 
     /// The current status.
@@ -155,7 +169,7 @@ impl LockContext {
 pub struct LockGuard {
     client: Client,
     lease: LeaseResponse,
-    keys: Vec<String>,
+    held: SharedLocks,
     joined: bool,
     context: LockContext,
     status_tx: Arc<watch::Sender<LeaseStatus>>,
@@ -175,7 +189,7 @@ impl LockGuard {
         joined: bool,
         renew_every: Option<Duration>,
     ) -> Self {
-        let fencing_tokens = keys
+        let tokens: Vec<(String, u64)> = keys
             .iter()
             .map(|k| {
                 let token = lease
@@ -186,23 +200,24 @@ impl LockGuard {
                 (k.clone(), token)
             })
             .collect();
+        let held: SharedLocks = Arc::new(std::sync::Mutex::new(tokens));
         let (renewal, status_tx, status) = spawn_renewal(
             client.clone(),
             lease.lease_id.clone(),
             &lease,
             sent_at,
-            keys.clone(),
+            Arc::clone(&held),
             renew_every,
         );
         let context = LockContext {
             lease_id: lease.lease_id.clone(),
-            fencing_tokens,
+            fencing_tokens: Arc::clone(&held),
             status,
         };
         Self {
             client,
             lease,
-            keys,
+            held,
             joined,
             context,
             status_tx,
@@ -223,10 +238,81 @@ impl LockGuard {
         self.context.fencing_token()
     }
 
-    /// Every key with its fencing token.
+    /// Every key with its fencing token (keys added with [`LockGuard::add`] at the end).
     #[must_use]
-    pub fn fencing_tokens(&self) -> &[(String, u64)] {
+    pub fn fencing_tokens(&self) -> Vec<(String, u64)> {
         self.context.fencing_tokens()
+    }
+
+    fn keys(&self) -> Vec<String> {
+        read_locks(&self.held).into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Add locks to this lease (incremental acquisition), waiting up to `wait` in the server's
+    /// queue (split into several requests beyond the per-request limit). The server refuses
+    /// with `Deadlock` at once if waiting would close a cycle (this request is the victim: it
+    /// still holds what it held). Returns the new keys with their fencing tokens; releasing the
+    /// guard releases them too.
+    ///
+    /// # Errors
+    /// `Deadlock`, `Held` (no wait), `Timeout`, `LimitMismatch`, `LeaseNotFound`, ...
+    pub async fn add(
+        &self,
+        locks: Vec<LockRequest>,
+        wait: Duration,
+    ) -> Result<Vec<(String, u64)>, ClientError> {
+        let per_request_max = self.client.server_wait_max();
+        let deadline = Instant::now() + wait;
+        let lease = loop {
+            let chunk = deadline
+                .saturating_duration_since(Instant::now())
+                .min(per_request_max);
+            let request = AddLocksRequest {
+                wait_ms: Some(crate::client::duration_ms(chunk)),
+                locks: locks.clone(),
+            };
+            match self.client.add_locks(&self.lease.lease_id, &request).await {
+                Ok(lease) => break lease,
+                Err(ClientError::Timeout { .. })
+                    if chunk == per_request_max
+                        && deadline > Instant::now() + Duration::from_millis(1) => {}
+                Err(e) => return Err(e),
+            }
+        };
+        let added: Vec<(String, u64)> = locks
+            .iter()
+            .map(|l| {
+                let token = lease
+                    .locks
+                    .iter()
+                    .find(|h| h.key == l.key)
+                    .map_or(0, |h| h.fencing_token);
+                (l.key.clone(), token)
+            })
+            .collect();
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (key, token) in &added {
+            if !held.iter().any(|(k, _)| k == key) {
+                held.push((key.clone(), *token));
+            }
+        }
+        Ok(added)
+    }
+
+    /// Add one exclusive lock (see [`LockGuard::add`]); returns its fencing token.
+    ///
+    /// # Errors
+    /// As [`LockGuard::add`].
+    pub async fn add_key(
+        &self,
+        key: impl Into<String>,
+        wait: Duration,
+    ) -> Result<u64, ClientError> {
+        let added = self.add(vec![LockRequest::exclusive(key)], wait).await?;
+        Ok(added.first().map_or(0, |(_, t)| *t))
     }
 
     /// The lease as granted.
@@ -299,7 +385,13 @@ impl LockGuard {
         if let Some(reason) = lost {
             return Err(ClientError::Lost(reason));
         }
-        release_lease(&self.client, &self.lease.lease_id, &self.keys, self.joined).await
+        release_lease(
+            &self.client,
+            &self.lease.lease_id,
+            &self.keys(),
+            self.joined,
+        )
+        .await
     }
 }
 
@@ -339,7 +431,7 @@ impl Drop for LockGuard {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let client = self.client.clone();
             let lease_id = self.lease.lease_id.clone();
-            let keys = std::mem::take(&mut self.keys);
+            let keys = self.keys();
             let joined = self.joined;
             handle.spawn(async move {
                 if let Err(e) = release_lease(&client, &lease_id, &keys, joined).await {
@@ -357,7 +449,7 @@ pub(crate) fn spawn_renewal(
     lease_id: String,
     lease: &LeaseResponse,
     sent_at: Instant,
-    keys: Vec<String>,
+    keys: SharedLocks,
     renew_every: Option<Duration>,
 ) -> (
     JoinHandle<()>,
@@ -386,7 +478,7 @@ async fn renew_loop(
     lease_id: String,
     ttl: Duration,
     interval: Duration,
-    keys: Vec<String>,
+    keys: SharedLocks,
     mut deadline: Instant,
     tx: Arc<watch::Sender<LeaseStatus>>,
 ) {
@@ -407,10 +499,10 @@ async fn renew_loop(
         };
         let error = match outcome {
             Some(Ok(lease)) => {
-                let missing: Vec<String> = keys
-                    .iter()
-                    .filter(|k| !lease.locks.iter().any(|l| &l.key == *k))
-                    .cloned()
+                let missing: Vec<String> = read_locks(&keys)
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| !lease.locks.iter().any(|l| &l.key == k))
                     .collect();
                 if !missing.is_empty() {
                     tx.send_modify(|s| s.health = Health::Lost(LostReason::Revoked(missing)));

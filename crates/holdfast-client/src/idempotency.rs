@@ -166,7 +166,7 @@ impl Idempotent {
             lease_id.clone(),
             &as_lease,
             sent,
-            Vec::new(),
+            std::sync::Arc::default(),
             None,
         );
         let outcome = AssertUnwindSafe(operation()).catch_unwind().await;

@@ -771,3 +771,46 @@ async fn waits_longer_than_one_request_are_looped_and_report_the_queue() {
     assert_eq!(holders(&client, "it/long").await, vec!["second"]);
     g2.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_acquisition_detects_deadlock_and_extends_the_guard() {
+    let (_server, client) = server().await;
+    let a = client.lock("it/dl/1").holder("a").acquire().await.unwrap();
+    let b = Arc::new(client.lock("it/dl/2").holder("b").acquire().await.unwrap());
+    // a waits for b's key...
+    let a_wait = tokio::spawn(async move {
+        let token = a.add_key("it/dl/2", Duration::from_secs(30)).await;
+        (a, token)
+    });
+    assert!(
+        eventually(100, || async {
+            !client
+                .lock_state("it/dl/2")
+                .await
+                .unwrap()
+                .waiters
+                .is_empty()
+        })
+        .await
+    );
+    // ...so b waiting for a's key would close a cycle: b is refused at once.
+    let err = b
+        .add_key("it/dl/1", Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    match &err {
+        ClientError::Deadlock { cycle, .. } => assert!(
+            cycle.contains(&"a".to_owned()) && cycle.contains(&"b".to_owned()),
+            "{cycle:?}"
+        ),
+        other => panic!("expected Deadlock, got {other:?}"),
+    }
+    Arc::into_inner(b).unwrap().release().await.unwrap();
+    let (a, token) = a_wait.await.unwrap();
+    let token = token.unwrap();
+    assert_eq!(a.fencing_tokens().len(), 2);
+    assert_eq!(a.fencing_tokens()[1], ("it/dl/2".to_owned(), token));
+    a.release().await.unwrap();
+    assert!(holders(&client, "it/dl/1").await.is_empty());
+    assert!(holders(&client, "it/dl/2").await.is_empty());
+}
