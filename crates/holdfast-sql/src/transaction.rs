@@ -69,7 +69,7 @@ pub struct TxOptions {
     /// Retry lock refusals (NOWAIT failures, lock wait timeouts) as well as deadlocks,
     /// serialization failures and SQLite busy (default true: seed 004's NOWAIT-and-retry).
     pub retry_lock_refusals: bool,
-    /// Bound on one attempt, commit included; on expiry the attempt is rolled back and
+    /// Bound on one attempt (begin, body and commit); on expiry the attempt is rolled back and
     /// [`SqlLockError::Timeout`] returned (not retried). On PostgreSQL the same bound is also
     /// set as the transaction's `statement_timeout`, so the server gives up too.
     pub timeout: Option<Duration>,
@@ -488,58 +488,99 @@ where
     E: From<SqlLockError> + Classify,
     F: for<'c> FnMut(&'c mut <DB as Database>::Connection) -> BoxFuture<'c, Result<T, E>>,
 {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| Failure::Error(E::from(SqlLockError::Sql(e))))?;
+    let (result, discard) = attempt_on::<DB, T, E, F>(&mut conn, opts, body).await;
+    if discard {
+        // Never return a session in an unknown state to the pool; closing it also makes the
+        // server abort whatever transaction it still has.
+        conn.close_on_drop();
+    }
+    result
+}
+
+/// One attempt on `conn`; the flag says the connection must not be reused.
+async fn attempt_on<DB, T, E, F>(
+    conn: &mut <DB as Database>::Connection,
+    opts: &TxOptions,
+    body: &mut F,
+) -> (Result<T, Failure<E>>, bool)
+where
+    DB: TxBackend,
+    E: From<SqlLockError> + Classify,
+    F: for<'c> FnMut(&'c mut <DB as Database>::Connection) -> BoxFuture<'c, Result<T, E>>,
+{
     let sql = |e: sqlx::Error| Failure::Error(E::from(SqlLockError::Sql(e)));
-    let mut conn = pool.acquire().await.map_err(sql)?;
-    let mut tx = DB::begin_tx(&mut conn, opts).await.map_err(sql)?;
+    let timed_out = || Failure::Timeout(opts.timeout.unwrap_or_default());
+    // The timeout covers begin, body and commit of this attempt.
+    let deadline = opts.timeout.map(|t| tokio::time::Instant::now() + t);
+    let begin = DB::begin_tx(conn, opts);
+    let begun = match deadline {
+        Some(d) => tokio::time::timeout_at(d, begin).await.ok(),
+        None => Some(begin.await),
+    };
+    let mut tx = match begun {
+        None => return (Err(timed_out()), true),
+        Some(Err(e)) => return (Err(sql(e)), false),
+        Some(Ok(tx)) => tx,
+    };
     let run = AssertUnwindSafe(async {
         let fut = body(&mut tx);
-        match opts.timeout {
-            Some(t) => tokio::time::timeout(t, fut).await.ok(),
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
             None => Some(fut.await),
         }
     })
     .catch_unwind();
-    let outcome = run.await;
-    let result = match outcome {
+    let result = match run.await {
         Err(payload) => {
-            rollback_or_discard(tx).await;
-            return Err(Failure::Panic(payload));
+            let ok = rolled_back(tx).await;
+            return (Err(Failure::Panic(payload)), !ok);
         }
         Ok(None) => {
-            let t = opts.timeout.unwrap_or_default();
-            // The statement in flight may still be waiting inside the server: bound the rollback,
-            // and if it does not finish, close the connection (the server then aborts the
-            // transaction) instead of returning it to the pool.
-            let ok = tokio::time::timeout(Duration::from_secs(1), tx.rollback())
+            // The statement in flight may still be waiting inside the server: bound the
+            // rollback, and if it does not finish, discard the connection.
+            let ok = tokio::time::timeout(Duration::from_secs(1), rolled_back(tx))
                 .await
-                .is_ok_and(|r| r.is_ok());
-            if !ok {
-                conn.close_on_drop();
-            }
-            return Err(Failure::Timeout(t));
+                .unwrap_or(false);
+            return (Err(timed_out()), !ok);
         }
         Ok(Some(r)) => r,
     };
     match result {
-        Ok(v) => match tx.commit().await {
-            Ok(()) => Ok(v),
-            Err(e) => {
-                if classify_sqlx(&e).is_none() {
-                    conn.close_on_drop();
+        Ok(v) => {
+            let commit = tx.commit();
+            let committed = match deadline {
+                Some(d) => tokio::time::timeout_at(d, commit).await.ok(),
+                None => Some(commit.await),
+            };
+            match committed {
+                Some(Ok(())) => (Ok(v), false),
+                Some(Err(e)) => {
+                    let discard = classify_sqlx(&e).is_none();
+                    (Err(sql(e)), discard)
                 }
-                Err(sql(e))
+                // Unknown whether the commit happened: never reuse this session.
+                None => (Err(timed_out()), true),
             }
-        },
+        }
         Err(e) => {
-            rollback_or_discard(tx).await;
-            Err(Failure::Error(e))
+            let ok = rolled_back(tx).await;
+            (Err(Failure::Error(e)), !ok)
         }
     }
 }
 
-async fn rollback_or_discard<DB: Database>(tx: Transaction<'_, DB>) {
-    if let Err(e) = tx.rollback().await {
-        tracing::warn!(error = %e, "rollback failed; the connection is dropped with the transaction open and the server aborts it");
+/// Roll back; false (after logging) if that failed.
+async fn rolled_back<DB: Database>(tx: Transaction<'_, DB>) -> bool {
+    match tx.rollback().await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "rollback failed; the connection is closed and the server aborts the transaction");
+            false
+        }
     }
 }
 
@@ -576,7 +617,7 @@ where
             Err(e)
         }
         Err(payload) => {
-            rollback_or_discard(sp).await;
+            rolled_back(sp).await;
             std::panic::resume_unwind(payload)
         }
     }
