@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::error::{LockError, RestoreError};
 use crate::idempotency::{IdemEntry, IdemWaiter};
+use crate::idhash::{IdMap, IdSet};
 use crate::keys::{Family, KeyState, LockWaiter, Usage, WaitTarget};
 use crate::leases::{HeldLock, Lease, LeaseExtra};
 use crate::limits::Limits;
@@ -52,7 +53,7 @@ pub(crate) enum GrantTarget {
 /// Durable records touched since the last `take_changes`.
 #[derive(Debug, Default)]
 pub(crate) struct Dirty {
-    pub leases: HashSet<LeaseId>,
+    pub leases: IdSet<LeaseId>,
     pub idempotency: HashSet<Box<str>>,
     pub lock_delays: HashSet<Box<str>>,
     pub fencing_taken: u64,
@@ -79,11 +80,11 @@ pub struct Engine {
     pub(crate) fencing_next: u64,
     pub(crate) event_seq_next: u64,
     pub(crate) next_waiter_id: u64,
-    pub(crate) leases: HashMap<LeaseId, Lease>,
+    pub(crate) leases: IdMap<LeaseId, Lease>,
     pub(crate) keys: HashMap<Arc<str>, KeyState>,
-    pub(crate) waiters: HashMap<WaiterId, LockWaiter>,
+    pub(crate) waiters: IdMap<WaiterId, LockWaiter>,
     pub(crate) idem: HashMap<Box<str>, IdemEntry>,
-    pub(crate) idem_waiters: HashMap<WaiterId, IdemWaiter>,
+    pub(crate) idem_waiters: IdMap<WaiterId, IdemWaiter>,
     /// Timers, one ordered set per kind; ties at one instant fire in the order
     /// lease expiry, lock-delay end, idempotency record expiry, wait timeout.
     pub(crate) lease_timers: BTreeSet<(TimeMs, LeaseId)>,
@@ -116,11 +117,11 @@ impl Engine {
             fencing_next: 1,
             event_seq_next: 1,
             next_waiter_id: 1,
-            leases: HashMap::new(),
+            leases: IdMap::default(),
             keys: HashMap::new(),
-            waiters: HashMap::new(),
+            waiters: IdMap::default(),
             idem: HashMap::new(),
-            idem_waiters: HashMap::new(),
+            idem_waiters: IdMap::default(),
             lease_timers: BTreeSet::new(),
             delay_timers: BTreeSet::new(),
             idem_timers: BTreeSet::new(),

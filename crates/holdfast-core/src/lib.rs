@@ -44,6 +44,7 @@ pub mod types;
 mod deadlock;
 mod engine;
 mod idempotency;
+mod idhash;
 mod invariants;
 mod keys;
 mod leases;
