@@ -1124,7 +1124,7 @@ impl Engine {
     ///
     /// Grants are confluent: granting a grantable request never makes another request
     /// grantable or ungrantable (it was already counted, as an earlier waiter or as a
-    /// compatible later one; see `ENGINE.md`). So one pass collects every grantable request
+    /// compatible later one; see `ARCHITECTURE.md`). So one pass collects every grantable request
     /// of the keys that changed, and they are granted together in arrival order, which fixes
     /// the order of fencing tokens, events and notifications.
     pub(crate) fn run_grants(&mut self, t: TimeMs) {

@@ -1,6 +1,6 @@
 //! Durable storage of the engine's state in one redb database, `<data-dir>/holdfast.redb`.
 //!
-//! Tables (see `STORAGE.md`):
+//! Tables (see `docs/storage.md`):
 //! - `leases`: lease id (`u128`) → postcard [`LeaseRecord`] (the lease with its locks);
 //! - `idempotency`: key → postcard [`IdempotencyRecord`];
 //! - `lock_delays`: key → end of its lock-delay (epoch ms);
