@@ -232,7 +232,10 @@ pub async fn show(client: &Client, out: &Output, key: &str) -> u8 {
                     println!(
                         "  {} ({}) since {}, expires {}, fencing token {}{}{}",
                         h.holder,
-                        mode_name(h.mode),
+                        h.permits.map_or_else(
+                            || mode_name(h.mode).to_owned(),
+                            |p| format!("{p} permit(s)")
+                        ),
                         local_datetime(h.since_ms),
                         countdown(h.expires_at_ms),
                         h.fencing_token,
