@@ -127,7 +127,13 @@ pub async fn app(backend: Backend, options: Options) -> Option<App> {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = backend.url(dir.path());
     let prefix = format!("t{:08x}_", rand::rng().random::<u32>());
-    let store = match Store::connect(&url, &prefix, 10).await {
+    let store = match reachable(backend, &url).await {
+        Ok(()) => Store::connect(&url, &prefix, 10)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    let store = match store {
         Ok(s) => s,
         Err(e) => {
             let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
@@ -184,6 +190,39 @@ pub async fn app(backend: Backend, options: Options) -> Option<App> {
         _dir: dir,
     })
 }
+
+/// Whether `backend` answers, probed once per test process with a short timeout (an unreachable
+/// server would otherwise cost every test the pool's full connect timeout).
+async fn reachable(backend: Backend, url: &str) -> Result<(), String> {
+    static PROBED: Mutex<Vec<(Backend, Result<(), String>)>> = Mutex::new(Vec::new());
+    if backend == Backend::Sqlite {
+        return Ok(());
+    }
+    if let Some((_, r)) = PROBED
+        .lock()
+        .expect("probe cache")
+        .iter()
+        .find(|(b, _)| *b == backend)
+    {
+        return r.clone();
+    }
+    let probe = match tokio::time::timeout(PROBE_TIMEOUT, Store::connect(url, "", 1)).await {
+        Ok(Ok(store)) => {
+            store.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no connection within {PROBE_TIMEOUT:?}")),
+    };
+    PROBED
+        .lock()
+        .expect("probe cache")
+        .push((backend, probe.clone()));
+    probe
+}
+
+/// How long the reachability probe waits for a database.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A response: status, body, and whether it was a replay.
 #[derive(Debug, Clone)]
