@@ -93,7 +93,7 @@ impl Default for ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Server URL, e.g. `http://127.0.0.1:7390` [default].
+    /// Server URL, e.g. `http://127.0.0.1:7390` (the default).
     #[must_use]
     pub fn base_url(mut self, url: impl Into<String>) -> Self {
         self.base_url = url.into();
@@ -128,7 +128,7 @@ impl ClientBuilder {
         self
     }
 
-    /// Default holder name of this client's locks [default: `user@hostname:pid`].
+    /// Default holder name of this client's locks (default: `user@hostname:pid`).
     #[must_use]
     pub fn holder(mut self, holder: impl Into<String>) -> Self {
         self.holder = Some(holder.into());
