@@ -146,6 +146,12 @@ impl<DB: Database> Idempotency<DB> {
         self
     }
 
+    /// The table name.
+    #[must_use]
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
     /// Use other TTLs.
     #[must_use]
     pub fn with_ttl(mut self, ttl: IdempotencyTtl) -> Self {

@@ -173,3 +173,71 @@ impl Sleeper for SignalSleeper {
         Box::pin(tokio::time::sleep(Duration::from_millis(5)))
     }
 }
+
+/// Drops the named tables if the test panics before its own cleanup (on a fresh connection in a
+/// helper thread, since the test's runtime is unwinding), so failed runs leave nothing behind.
+pub struct Cleanup {
+    dialect: Dialect,
+    tables: Vec<String>,
+}
+
+/// A [`Cleanup`] for `tables` of the database of `dialect`.
+pub fn cleanup(dialect: Dialect, tables: &[&str]) -> Cleanup {
+    Cleanup {
+        dialect,
+        tables: tables.iter().map(|t| (*t).to_owned()).collect(),
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let (dialect, tables) = (self.dialect, std::mem::take(&mut self.tables));
+        let worker = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                use sqlx::Connection;
+                let drop_all = |tables: Vec<String>| {
+                    tables
+                        .into_iter()
+                        .map(|t| format!("DROP TABLE IF EXISTS {t}"))
+                };
+                match dialect {
+                    Dialect::Postgres => {
+                        if let Ok(mut c) = sqlx::PgConnection::connect(&url(
+                            "HOLDFAST_TEST_POSTGRES_URL",
+                            PG_DEFAULT,
+                        ))
+                        .await
+                        {
+                            for stmt in drop_all(tables) {
+                                let _ = sqlx::raw_sql(AssertSqlSafe(stmt)).execute(&mut c).await;
+                            }
+                        }
+                    }
+                    Dialect::MySql => {
+                        if let Ok(mut c) = sqlx::MySqlConnection::connect(&url(
+                            "HOLDFAST_TEST_MYSQL_URL",
+                            MYSQL_DEFAULT,
+                        ))
+                        .await
+                        {
+                            for stmt in drop_all(tables) {
+                                let _ = sqlx::raw_sql(AssertSqlSafe(stmt)).execute(&mut c).await;
+                            }
+                        }
+                    }
+                    Dialect::Sqlite => {}
+                }
+            });
+        });
+        let _ = worker.join();
+    }
+}

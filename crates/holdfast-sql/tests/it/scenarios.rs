@@ -31,7 +31,7 @@ macro_rules! scenarios {
             use sqlx::{AssertSqlSafe, Pool};
             use tokio::sync::Barrier;
 
-            use crate::common::{AppErr, RecordingSleeper, q, unique};
+            use crate::common::{AppErr, RecordingSleeper, cleanup, q, unique};
             use crate::require;
 
             type Db = $db;
@@ -67,6 +67,7 @@ macro_rules! scenarios {
             async fn deadlock_is_reported_and_retried_to_the_correct_state() {
                 let pool = require!($pool("deadlock", 6));
                 let t = unique("deadlock");
+                let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")).await;
                 exec(&pool, &format!("INSERT INTO {t} (id, v) VALUES (1, 0), (2, 0)")).await;
 
@@ -166,6 +167,7 @@ macro_rules! scenarios {
             async fn serialization_failures_are_retried_to_a_correct_result() {
                 let pool = require!($pool("serializable", 6));
                 let t = unique("serial");
+                let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")).await;
                 exec(&pool, &format!("INSERT INTO {t} (id, v) VALUES (1, 0)")).await;
 
@@ -207,6 +209,7 @@ macro_rules! scenarios {
                 let pool = require!($pool("fifo", 8));
                 let layers = unique("layers");
                 let sales = unique("sales");
+                let _cleanup = cleanup(D, &[&layers, &sales]);
                 exec(&pool, &format!("CREATE TABLE {layers} (id BIGINT PRIMARY KEY, remaining BIGINT NOT NULL)")).await;
                 exec(&pool, &format!("CREATE TABLE {sales} (id {}, qty BIGINT NOT NULL)", $serial)).await;
                 exec(&pool, &format!("INSERT INTO {layers} (id, remaining) VALUES (1, 100), (2, 120), (3, 80)")).await;
@@ -354,6 +357,7 @@ macro_rules! scenarios {
                 let pool = require!($pool("booking", 10));
                 let doctors = unique("doctors");
                 let appts = unique("appts");
+                let _cleanup = cleanup(D, &[&doctors, &appts]);
                 exec(&pool, &format!("CREATE TABLE {doctors} (id BIGINT PRIMARY KEY, active BIGINT NOT NULL)")).await;
                 exec(&pool, &format!("INSERT INTO {doctors} (id, active) VALUES (1, 1)")).await;
                 exec(&pool, &format!("CREATE TABLE {appts} (id {}, doctor_id BIGINT NOT NULL, patient_id BIGINT NOT NULL, slot VARCHAR(32) NOT NULL)", $serial)).await;
@@ -393,6 +397,7 @@ macro_rules! scenarios {
             async fn row_lock_refusals_are_typed() {
                 let pool = require!($pool("rowlocks", 4));
                 let t = unique("rows");
+                let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")).await;
                 exec(&pool, &format!("INSERT INTO {t} (id, v) VALUES (1, 0), (2, 0), (3, 0)")).await;
 
@@ -448,6 +453,7 @@ macro_rules! scenarios {
             async fn nowait_refusal_is_retried_by_the_transaction() {
                 let pool = require!($pool("nowait_retry", 4));
                 let t = unique("nowait");
+                let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")).await;
                 exec(&pool, &format!("INSERT INTO {t} (id, v) VALUES (1, 0)")).await;
                 let mut holder = pool.begin().await.unwrap();
@@ -500,6 +506,7 @@ macro_rules! scenarios {
             async fn rollback_paths_and_savepoints() {
                 let pool = require!($pool("rollback", 4));
                 let t = unique("tx");
+                let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY)")).await;
                 let metrics = TxMetrics::new();
                 let opts = TxOptions::default().metrics(metrics.clone());
@@ -667,6 +674,7 @@ macro_rules! scenarios {
                 let pool = require!($pool("offline", 4));
                 let clock = ManualClock::new(1_700_000_000_000);
                 let locks = OfflineLocks::<Db>::new(pool.clone()).with_table(&unique("offline")).unwrap().with_clock(clock.clone());
+                let _cleanup = cleanup(D, &[locks.table()]);
                 locks.migrate().await.unwrap();
                 locks.migrate().await.unwrap(); // idempotent
 
@@ -717,6 +725,7 @@ macro_rules! scenarios {
             async fn offline_locks_concurrent_acquirers() {
                 let pool = require!($pool("offline_conc", 10));
                 let locks = OfflineLocks::<Db>::new(pool.clone()).with_table(&unique("offline_c")).unwrap();
+                let _cleanup = cleanup(D, &[locks.table()]);
                 locks.migrate().await.unwrap();
 
                 // 20 holders race for one object: exactly one wins.
@@ -770,6 +779,7 @@ macro_rules! scenarios {
             async fn optimistic_conflict_detected_and_retried() {
                 let pool = require!($pool("optimistic", 8));
                 let t = unique("docs");
+                let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, title VARCHAR(100) NOT NULL, n BIGINT NOT NULL, version BIGINT NOT NULL)")).await;
                 exec(&pool, &format!("INSERT INTO {t} (id, title, n, version) VALUES (1, 'a', 0, 1)")).await;
                 let spec = Versioned::new(&t, "id", "version");
@@ -828,6 +838,7 @@ macro_rules! scenarios {
                     .with_table(&unique("idem")).unwrap()
                     .with_clock(clock.clone())
                     .with_ttl(IdempotencyTtl { record: Duration::from_secs(3600), lease: Duration::from_secs(30) });
+                let _cleanup = cleanup(D, &[idem.table()]);
                 idem.migrate().await.unwrap();
 
                 // 10 concurrent begins: exactly one started.
@@ -881,6 +892,7 @@ macro_rules! scenarios {
                 let idem = Idempotency::<Db>::new(pool.clone()).with_table(&unique("idem_swap")).unwrap();
                 idem.migrate().await.unwrap();
                 let t = unique("assign");
+                let _cleanup = cleanup(D, &[&t, idem.table()]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, person VARCHAR(20) NOT NULL, swaps BIGINT NOT NULL)")).await;
                 exec(&pool, &format!("INSERT INTO {t} (id, person, swaps) VALUES (1, 'alice', 0), (2, 'bob', 0)")).await;
 
