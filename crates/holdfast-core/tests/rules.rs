@@ -996,3 +996,52 @@ fn lock_info_shows_holders_waiters_times_and_delay() {
     tick(&mut e, 110);
     assert_eq!(holders_of(&e, "k"), vec!["b"]);
 }
+
+#[test]
+fn executor_lease_can_hold_locks_and_complete_releases_them() {
+    let mut e = Engine::default();
+    let IdempotencyOutcome::Started(v) = e.idempotency_begin(0, begin("i", "f", 1, 0)).unwrap()
+    else {
+        panic!()
+    };
+    assert!(
+        v.locks.is_empty(),
+        "the executor lease starts with no locks"
+    );
+    granted(acq(&mut e, 1, req_existing(1, vec![x("schedule/42")], 0)));
+    let w = queued(acq(
+        &mut e,
+        2,
+        req_new(2, "other", vec![x("schedule/42")], 5_000),
+    ));
+    e.idempotency_complete(3, "i", lid(1), result("swapped"))
+        .unwrap();
+    e.check_invariants().unwrap();
+    assert!(matches!(
+        outcome_of(&e.take_notifications(), w),
+        WaitOutcome::Granted(_)
+    ));
+    assert!(
+        e.take_events()
+            .iter()
+            .any(|ev| ev.kind == EventKind::Released && ev.key.as_deref() == Some("schedule/42"))
+    );
+}
+
+#[test]
+fn restore_later_without_grace_expires_stale_leases() {
+    let mut e = Engine::default();
+    let mut r = req_new(1, "a", vec![x("k")], 0);
+    r.locks[0].lock_delay_ms = 500;
+    granted(acq(&mut e, 0, r));
+    let st = e.durable_state();
+    let mut r = Engine::restore(Limits::default(), st, 20_000, 0).unwrap();
+    r.check_invariants().unwrap();
+    assert!(r.lease(lid(1)).is_none());
+    assert!(
+        r.take_events()
+            .iter()
+            .any(|ev| ev.kind == EventKind::Expired)
+    );
+    assert_eq!(r.take_changes().leases.get(&lid(1)), Some(&None));
+}
