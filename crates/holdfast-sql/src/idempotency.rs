@@ -19,6 +19,7 @@ use sqlx::{
 };
 
 use crate::error::{Result, SqlLockError};
+use crate::retry::{RetryPolicy, Sleeper, make_rng};
 use crate::sql::{
     Clock, Dialect, SystemClock, duration_ms, is_plain_identifier, ms_to_datetime, numbered,
     random_token,
@@ -294,6 +295,37 @@ macro_rules! idempotency_impl {
                     });
                 }
                 Err(SqlLockError::InvalidArgument(format!("idempotency key {key} changed state too often to begin")))
+            }
+
+            /// [`Self::begin`], waiting while someone else executes: while the answer is
+            /// [`Begin::InProgress`], sleep as `policy` says and ask again. Returns the first
+            /// other answer, or the last `InProgress` when the policy gives up.
+            ///
+            /// # Errors
+            /// As [`Self::begin`].
+            pub async fn begin_or_wait(
+                &self,
+                key: &str,
+                fingerprint: &str,
+                policy: &RetryPolicy,
+                sleeper: &dyn Sleeper,
+            ) -> Result<Begin> {
+                let mut rng = make_rng(None);
+                let attempts = policy.effective_attempts();
+                let start = tokio::time::Instant::now();
+                let mut n = 0;
+                loop {
+                    n += 1;
+                    let answer = self.begin(key, fingerprint).await?;
+                    if !matches!(answer, Begin::InProgress { .. }) || n >= attempts {
+                        return Ok(answer);
+                    }
+                    let delay = policy.delay(n - 1, &mut rng);
+                    if policy.max_total.is_some_and(|max| start.elapsed() + delay > max) {
+                        return Ok(answer);
+                    }
+                    sleeper.sleep(delay).await;
+                }
             }
 
             /// Store `result` and mark the record completed (until the record TTL), on a

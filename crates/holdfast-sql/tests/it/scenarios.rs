@@ -859,7 +859,13 @@ macro_rules! scenarios {
                 assert_eq!(started.len(), 1);
                 let exec = started.pop().unwrap();
                 assert_eq!(idem.begin("swap-1", "fp-b").await.unwrap(), Begin::FingerprintMismatch);
+                // A waiter polls while the execution is in progress and gets the outcome.
+                let waiter = {
+                    let idem = idem.clone();
+                    tokio::spawn(async move { idem.begin_or_wait("swap-1", "fp-a", &fast_retry(10_000), &TokioSleeper).await.unwrap() })
+                };
                 idem.complete(&exec, r#"{"status":201}"#).await.unwrap();
+                assert_eq!(waiter.await.unwrap(), Begin::Completed { result: r#"{"status":201}"#.into() });
                 assert_eq!(idem.begin("swap-1", "fp-a").await.unwrap(), Begin::Completed { result: r#"{"status":201}"#.into() });
                 assert!(matches!(idem.complete(&exec, "again").await, Err(SqlLockError::IdempotencyNotOwner { .. })));
 
