@@ -100,6 +100,7 @@ pub struct ProgressReporter {
     state: Arc<Mutex<Option<(Progress, Instant, String)>>>,
     tty: bool,
     drawn: Arc<Mutex<bool>>,
+    frame: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ProgressReporter {
@@ -110,6 +111,7 @@ impl ProgressReporter {
             state: Arc::new(Mutex::new(None)),
             tty: std::io::stderr().is_terminal(),
             drawn: Arc::new(Mutex::new(false)),
+            frame: Arc::default(),
         }
     }
 
@@ -165,8 +167,13 @@ impl ProgressReporter {
 
     fn draw(&self) {
         if let Some(line) = self.line() {
+            const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
+            let frame = FRAMES[self
+                .frame
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                % FRAMES.len()];
             let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[2K{line}");
+            let _ = write!(err, "\r\x1b[2K{frame} {line}");
             let _ = err.flush();
             *self
                 .drawn
@@ -175,10 +182,10 @@ impl ProgressReporter {
         }
     }
 
-    /// Redraw the countdown every second on a terminal; never returns.
+    /// Redraw the spinner and countdown on a terminal; never returns.
     pub async fn tick(&self) {
         loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
             if self.tty {
                 self.draw();
             }
