@@ -541,11 +541,10 @@ where
         }
         Ok(None) => {
             // The statement in flight may still be waiting inside the server: bound the
-            // rollback, and if it does not finish, discard the connection.
-            let ok = tokio::time::timeout(Duration::from_secs(1), rolled_back(tx))
-                .await
-                .unwrap_or(false);
-            return (Err(timed_out()), !ok);
+            // rollback (it releases the locks at once when it works) and never reuse the
+            // session, whose state (session variables set half-way) is unknown.
+            let _ = tokio::time::timeout(Duration::from_secs(1), rolled_back(tx)).await;
+            return (Err(timed_out()), true);
         }
         Ok(Some(r)) => r,
     };
