@@ -35,6 +35,16 @@ struct Args {
     /// Prefix of the clinic's table names.
     #[arg(long, default_value = "clinic_")]
     table_prefix: String,
+    /// FIFO layer locking (seed 004's lock_strategy): `nowait` fails fast and retries the
+    /// transaction with backoff; `wait` queues on the row locks.
+    #[arg(long, value_parser = ["nowait", "wait"], default_value = "nowait")]
+    stock_lock: String,
+    /// How long a patient-record edit lock lasts unless released, in seconds.
+    #[arg(long, default_value_t = 900)]
+    record_lock_ttl_secs: u64,
+    /// How long a vocabulary import waits for another import of its code type, in seconds.
+    #[arg(long, default_value_t = 60)]
+    import_wait_secs: u64,
     /// Pooled database connections.
     #[arg(long, default_value_t = clinic::db::POOL_CONNECTIONS_MAX_DEFAULT)]
     db_connections: u32,
@@ -62,7 +72,12 @@ async fn main() -> anyhow::Result<()> {
         .connect_timeout(std::time::Duration::from_secs(3))
         .build()
         .context("configuring the holdfast client")?;
-    let config = Config::default();
+    let config = Config {
+        stock_nowait: args.stock_lock == "nowait",
+        record_lock_ttl: std::time::Duration::from_secs(args.record_lock_ttl_secs),
+        import_wait: std::time::Duration::from_secs(args.import_wait_secs),
+        ..Config::default()
+    };
     let state = Arc::new(AppState::new(store, Some(holdfast), config));
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -10,8 +10,9 @@
 //! - either failure is 409 `import_in_progress` naming the holder;
 //! - the lease is renewed while the import runs and released when it ends, on every path; if
 //!   the importer dies, the lease expires and the next import proceeds;
-//! - the import records the lock's fencing token, and refuses to commit its record if the lock
-//!   was lost meanwhile.
+//! - the import records the lock's fencing token; if the lock is lost while it runs (lease
+//!   expired, force-released by an admin), the import stops at once and answers 503 `busy`, since
+//!   the next holder may already be importing.
 //!
 //! Imports of different types take different keys and run concurrently.
 

@@ -158,3 +158,49 @@ per_backend!(same_type_imports_are_serialized: sqlite => Sqlite, postgres => Pos
 per_backend!(different_types_run_concurrently: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
 per_backend!(no_wait_fails_fast_naming_the_holder: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
 per_backend!(control_interleaved_imports_duplicate: sqlite => Sqlite, postgres => Postgres, mariadb => MariaDb);
+
+/// An administrator force-releases the import lock while an import runs: the import notices
+/// the loss (at its next renewal), stops, and answers 503 `busy`; the next import proceeds.
+async fn import_stops_when_its_lock_is_lost(backend: Backend) {
+    let entered = std::sync::Arc::new(tokio::sync::Notify::new());
+    let e = entered.clone();
+    let hook: clinic::HookFn = std::sync::Arc::new(move |p, _| {
+        let e = e.clone();
+        Box::pin(async move {
+            if p == HookPoint::VocabCleared {
+                e.notify_one();
+                // Stay inside the import until the lock loss cancels it (bounded).
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        })
+    });
+    let Some(app) = app(
+        backend,
+        Options::default()
+            .holdfast()
+            .hooks(clinic::Hooks::new(hook)),
+    )
+    .await
+    else {
+        return;
+    };
+    let client = app.holdfast_client.clone().expect("client");
+    let import = app.post("/vocabulary/SNOMED/imports", codes(1, 3));
+    let admin = async {
+        entered.notified().await;
+        client
+            .force_release_lock(&clinic::vocab::lock_key("SNOMED"), "stuck import")
+            .await
+            .expect("force release");
+    };
+    let (r, ()) = futures::join!(import, admin);
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (503, Some("busy")),
+        "{:?}",
+        r.body
+    );
+    app.finish().await;
+}
+
+per_backend!(import_stops_when_its_lock_is_lost: sqlite => Sqlite);
