@@ -199,8 +199,14 @@ fn client_main(global: &GlobalArgs, command: Command) -> u8 {
             return exit::GENERIC;
         }
     };
+    // `--server 127.0.0.1:7390` means plain HTTP.
+    let server = if global.server.contains("://") {
+        global.server.clone()
+    } else {
+        format!("http://{}", global.server)
+    };
     let client = match holdfast_client::Client::builder()
-        .base_url(global.server.clone())
+        .base_url(server)
         .token_opt(global.token.clone())
         .request_timeout(global.request_timeout)
         .build()

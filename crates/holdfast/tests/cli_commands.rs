@@ -216,6 +216,10 @@ fn unreachable_server_exits_5_and_usage_errors_exit_2() {
     assert!(out.stderr.contains("unreachable"), "{}", out.stderr);
 
     let server = Server::start();
+    // A server address without a scheme is plain HTTP.
+    let bare = server.url.trim_start_matches("http://").to_owned();
+    let out = server.run(&["--server", &bare, "stats"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
     for args in [
         vec!["run", "--lock", "u/a"],                              // no command
         vec!["run", "--", "true"],                                 // no --lock
