@@ -48,8 +48,24 @@ async fn probe<C: sqlx::Connection>(url: &str) -> Result<(), String> {
     }
 }
 
-/// A PostgreSQL pool of `max` connections, or `None` (after skipping) if unreachable.
-pub async fn pg(test: &str, max: u32) -> Option<PgPool> {
+/// At most this many database tests run at once in this binary, whatever the number of test
+/// threads, so the servers' connection limits (PostgreSQL's default 100) are never reached.
+static DB_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// A slot among [`DB_SLOTS`], held for the duration of a test.
+pub type Slot = tokio::sync::SemaphorePermit<'static>;
+
+async fn slot() -> Slot {
+    DB_SLOTS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed")
+}
+
+/// A PostgreSQL pool of `max` connections and a test slot, or `None` (after skipping) if
+/// unreachable.
+pub async fn pg(test: &str, max: u32) -> Option<(PgPool, Slot)> {
+    let slot = slot().await;
     let url = url("HOLDFAST_TEST_POSTGRES_URL", PG_DEFAULT);
     let connected = match probe::<sqlx::PgConnection>(&url).await {
         Ok(()) => PgPoolOptions::new()
@@ -61,7 +77,7 @@ pub async fn pg(test: &str, max: u32) -> Option<PgPool> {
         Err(e) => Err(e),
     };
     match connected {
-        Ok(p) => Some(p),
+        Ok(p) => Some((p, slot)),
         Err(e) => {
             unavailable(&format!("postgres::{test}"), "PostgreSQL", &url, &e);
             None
@@ -69,8 +85,10 @@ pub async fn pg(test: &str, max: u32) -> Option<PgPool> {
     }
 }
 
-/// A MySQL/MariaDB pool of `max` connections, or `None` (after skipping) if unreachable.
-pub async fn mysql(test: &str, max: u32) -> Option<MySqlPool> {
+/// A MySQL/MariaDB pool of `max` connections and a test slot, or `None` (after skipping) if
+/// unreachable.
+pub async fn mysql(test: &str, max: u32) -> Option<(MySqlPool, Slot)> {
+    let slot = slot().await;
     let url = url("HOLDFAST_TEST_MYSQL_URL", MYSQL_DEFAULT);
     let connected = match probe::<sqlx::MySqlConnection>(&url).await {
         Ok(()) => MySqlPoolOptions::new()
@@ -82,7 +100,7 @@ pub async fn mysql(test: &str, max: u32) -> Option<MySqlPool> {
         Err(e) => Err(e),
     };
     match connected {
-        Ok(p) => Some(p),
+        Ok(p) => Some((p, slot)),
         Err(e) => {
             unavailable(&format!("mysql::{test}"), "MySQL/MariaDB", &url, &e);
             None

@@ -65,7 +65,7 @@ macro_rules! scenarios {
             /// deadlock; without retry one of them fails with it; with retry both commit.
             #[tokio::test]
             async fn deadlock_is_reported_and_retried_to_the_correct_state() {
-                let pool = require!($pool("deadlock", 6));
+                let (pool, _slot) = require!($pool("deadlock", 6));
                 let t = unique("deadlock");
                 let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")).await;
@@ -165,7 +165,7 @@ macro_rules! scenarios {
             /// same code loses updates, which proves the isolation level matters.
             #[tokio::test]
             async fn serialization_failures_are_retried_to_a_correct_result() {
-                let pool = require!($pool("serializable", 6));
+                let (pool, _slot) = require!($pool("serializable", 6));
                 let t = unique("serial");
                 let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")).await;
@@ -206,7 +206,7 @@ macro_rules! scenarios {
 
             /// Seed 004: 5 consumers take 100 each from FIFO layers holding 300.
             async fn fifo(strategy: Strategy) {
-                let pool = require!($pool("fifo", 8));
+                let (pool, _slot) = require!($pool("fifo", 8));
                 let layers = unique("layers");
                 let sales = unique("sales");
                 let _cleanup = cleanup(D, &[&layers, &sales]);
@@ -354,7 +354,7 @@ macro_rules! scenarios {
             /// code without the lock double-books (5 requests that all read before writing).
             #[tokio::test]
             async fn fifty_concurrent_bookings_of_one_slot_book_exactly_one() {
-                let pool = require!($pool("booking", 10));
+                let (pool, _slot) = require!($pool("booking", 10));
                 let doctors = unique("doctors");
                 let appts = unique("appts");
                 let _cleanup = cleanup(D, &[&doctors, &appts]);
@@ -395,7 +395,7 @@ macro_rules! scenarios {
             /// refused with the typed error.
             #[tokio::test]
             async fn row_lock_refusals_are_typed() {
-                let pool = require!($pool("rowlocks", 4));
+                let (pool, _slot) = require!($pool("rowlocks", 4));
                 let t = unique("rows");
                 let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")).await;
@@ -451,7 +451,7 @@ macro_rules! scenarios {
             /// exactly then), and the retry succeeds.
             #[tokio::test]
             async fn nowait_refusal_is_retried_by_the_transaction() {
-                let pool = require!($pool("nowait_retry", 4));
+                let (pool, _slot) = require!($pool("nowait_retry", 4));
                 let t = unique("nowait");
                 let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")).await;
@@ -504,7 +504,7 @@ macro_rules! scenarios {
             /// Rollback on error, on panic and on timeout; nested savepoints.
             #[tokio::test]
             async fn rollback_paths_and_savepoints() {
-                let pool = require!($pool("rollback", 4));
+                let (pool, _slot) = require!($pool("rollback", 4));
                 let t = unique("tx");
                 let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY)")).await;
@@ -599,7 +599,7 @@ macro_rules! scenarios {
             /// policy, release, lost when the connection is killed, released on drop.
             #[tokio::test]
             async fn advisory_locks_across_connections() {
-                let pool = require!($pool("advisory", 8));
+                let (pool, _slot) = require!($pool("advisory", 8));
                 let name = unique("vocab_import/RXNORM");
                 let mut a = advisory::lock(&pool, &name, &AdvisoryOptions::no_wait()).await.unwrap();
                 a.check().await.unwrap();
@@ -671,7 +671,7 @@ macro_rules! scenarios {
             /// Offline locks: reentrancy, refusal naming the holder, expiry, release-all, sweep.
             #[tokio::test]
             async fn offline_locks_reentrancy_refusal_expiry() {
-                let pool = require!($pool("offline", 4));
+                let (pool, _slot) = require!($pool("offline", 4));
                 let clock = ManualClock::new(1_700_000_000_000);
                 let locks = OfflineLocks::<Db>::new(pool.clone()).with_table(&unique("offline")).unwrap().with_clock(clock.clone());
                 let _cleanup = cleanup(D, &[locks.table()]);
@@ -723,7 +723,7 @@ macro_rules! scenarios {
             /// Offline locks under concurrency: never two holders of one object at once.
             #[tokio::test]
             async fn offline_locks_concurrent_acquirers() {
-                let pool = require!($pool("offline_conc", 10));
+                let (pool, _slot) = require!($pool("offline_conc", 10));
                 let locks = OfflineLocks::<Db>::new(pool.clone()).with_table(&unique("offline_c")).unwrap();
                 let _cleanup = cleanup(D, &[locks.table()]);
                 locks.migrate().await.unwrap();
@@ -777,7 +777,7 @@ macro_rules! scenarios {
             /// reloads and reapplies until every concurrent increment lands.
             #[tokio::test]
             async fn optimistic_conflict_detected_and_retried() {
-                let pool = require!($pool("optimistic", 8));
+                let (pool, _slot) = require!($pool("optimistic", 8));
                 let t = unique("docs");
                 let _cleanup = cleanup(D, &[&t]);
                 exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, title VARCHAR(100) NOT NULL, n BIGINT NOT NULL, version BIGINT NOT NULL)")).await;
@@ -832,7 +832,7 @@ macro_rules! scenarios {
             /// Idempotency states, expiry and lease loss.
             #[tokio::test]
             async fn idempotency_states() {
-                let pool = require!($pool("idem", 12));
+                let (pool, _slot) = require!($pool("idem", 12));
                 let clock = ManualClock::new(1_700_000_000_000);
                 let idem = Idempotency::<Db>::new(pool.clone())
                     .with_table(&unique("idem")).unwrap()
@@ -894,7 +894,7 @@ macro_rules! scenarios {
             /// the transaction that does the swap.
             #[tokio::test]
             async fn swap_executes_exactly_once_under_concurrent_retries() {
-                let pool = require!($pool("swap", 10));
+                let (pool, _slot) = require!($pool("swap", 10));
                 let idem = Idempotency::<Db>::new(pool.clone()).with_table(&unique("idem_swap")).unwrap();
                 idem.migrate().await.unwrap();
                 let t = unique("assign");
@@ -966,7 +966,7 @@ mod pg_only {
 
     #[tokio::test]
     async fn transaction_level_advisory_locks_end_with_the_transaction() {
-        let pool = require!(pg("xact_advisory", 4));
+        let (pool, _slot) = require!(pg("xact_advisory", 4));
         let name = unique("xact");
         let mut tx1 = pool.begin().await.unwrap();
         pg_xact_lock(&mut tx1, &name, AdvisoryMode::Exclusive)
@@ -1004,7 +1004,7 @@ mod pg_only {
 
     #[tokio::test]
     async fn shared_advisory_locks_coexist_and_exclude_exclusive() {
-        let pool = require!(pg("shared_advisory", 6));
+        let (pool, _slot) = require!(pg("shared_advisory", 6));
         let name = unique("shared");
         let mut a = advisory::lock(&pool, &name, &AdvisoryOptions::no_wait().shared())
             .await
@@ -1047,7 +1047,7 @@ mod mysql_only {
 
     #[tokio::test]
     async fn shared_named_locks_are_unsupported() {
-        let pool = require!(mysql("shared_named", 2));
+        let (pool, _slot) = require!(mysql("shared_named", 2));
         let err = advisory::lock(&pool, &unique("s"), &AdvisoryOptions::no_wait().shared())
             .await
             .unwrap_err();
