@@ -174,6 +174,9 @@ pub struct AppState {
     pub locking: Locking,
     /// Test hooks.
     pub hooks: Hooks,
+    /// Counters of the protected transactions (attempts, retries, deadlocks, NOWAIT refusals),
+    /// served at `GET /stats`.
+    pub tx_metrics: Arc<holdfast_sql::transaction::TxMetrics>,
 }
 
 impl AppState {
@@ -186,6 +189,7 @@ impl AppState {
             config,
             locking: Locking::On,
             hooks: Hooks::default(),
+            tx_metrics: holdfast_sql::transaction::TxMetrics::new(),
         }
     }
 
@@ -215,6 +219,7 @@ pub async fn migrate(store: &Store) -> Result<(), AppError> {
 pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/stats", get(stats))
         .route("/doctors", post(appointments::create_doctor))
         .route("/patients", post(patients::create_patient))
         .route(
@@ -253,6 +258,13 @@ pub fn router(state: SharedState) -> Router {
         .route("/products/{id}/sales", post(stock::sell))
         .route("/products/{id}/layers", get(stock::layers))
         .with_state(state)
+}
+
+/// `GET /stats`: counters of the protected transactions.
+async fn stats(
+    axum::extract::State(state): axum::extract::State<SharedState>,
+) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "transactions": state.tx_metrics.snapshot() }))
 }
 
 /// The value of header `name`, if present and UTF-8.
@@ -294,7 +306,7 @@ macro_rules! run_steps {
         let state: &$crate::AppState = $state;
         let ctx = $crate::Ctx::new(state);
         let input = $input;
-        let opts = state.store.tx_options(state.config.tx_retry.clone());
+        let opts = state.store.tx_options(state.config.tx_retry.clone()).metrics(state.tx_metrics.clone());
         $crate::on_db!(&state.store.db, pool => match state.locking {
             $crate::Locking::On => {
                 holdfast_sql::transaction::transaction(pool, &opts, |conn| {

@@ -92,6 +92,28 @@ async fn five_concurrent_sales_nowait(backend: Backend) {
     };
     let product = setup(&app).await;
     check_protected(&app, product).await;
+    let stats = app.get("/stats").await.body;
+    let tx = &stats["transactions"];
+    assert_eq!(
+        (tx["transactions"].as_u64(), tx["committed"].as_u64()),
+        (Some(5), Some(3)),
+        "five sales, three committed: {stats}"
+    );
+    let conflicts: u64 = [
+        "deadlocks",
+        "serialization_failures",
+        "lock_timeouts",
+        "lock_not_available",
+        "busy",
+    ]
+    .iter()
+    .filter_map(|k| tx[k].as_u64())
+    .sum();
+    assert_eq!(
+        tx["retries"].as_u64(),
+        Some(conflicts),
+        "every retry was a lock conflict, retried by the transaction: {stats}"
+    );
     app.finish().await;
 }
 
