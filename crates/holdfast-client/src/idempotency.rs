@@ -97,21 +97,21 @@ impl Idempotent {
             .holder
             .clone()
             .unwrap_or_else(|| self.client.holder().to_owned());
-        let (lease_id, lease, sent) =
-            loop {
-                let sent = Instant::now();
-                let chunk = deadline
-                    .saturating_duration_since(sent)
-                    .min(self.client.server_wait_max());
-                let request = IdempotencyBeginRequest {
-                    fingerprint: self.fingerprint.clone(),
-                    holder: holder.clone(),
-                    ttl_ms: Some(duration_ms(self.ttl)),
-                    record_ttl_ms: self.record_ttl.map(duration_ms),
-                    wait_ms: Some(duration_ms(chunk)),
-                };
-                match self.client.idempotency_begin(&self.key, &request).await {
-                    Ok(begun) => match begun.response.state {
+        let (lease_id, lease, sent) = loop {
+            let sent = Instant::now();
+            let chunk = deadline
+                .saturating_duration_since(sent)
+                .min(self.client.server_wait_max());
+            let request = IdempotencyBeginRequest {
+                fingerprint: self.fingerprint.clone(),
+                holder: holder.clone(),
+                ttl_ms: Some(duration_ms(self.ttl)),
+                record_ttl_ms: self.record_ttl.map(duration_ms),
+                wait_ms: Some(duration_ms(chunk)),
+            };
+            match self.client.idempotency_begin(&self.key, &request).await {
+                Ok(begun) => {
+                    match begun.response.state {
                         IdempotencyStateName::Completed => {
                             let result =
                                 begun.response.result.ok_or_else(|| ClientError::Server {
@@ -135,21 +135,32 @@ impl Idempotent {
                             break (lease_id, begun.response, sent);
                         }
                         IdempotencyStateName::InProgress => {}
-                    },
-                    Err(ClientError::InProgress { .. }) if deadline > Instant::now() => {
-                        // The server-side wait ran out (or was capped): wait again.
                     }
-                    Err(e) => return Err(e.into()),
                 }
-                if deadline <= Instant::now() {
-                    return Err(ClientError::InProgress {
-                        key: self.key.clone(),
-                        holder: None,
-                        retry_after: None,
+                Err(ClientError::InProgress { retry_after, .. }) if deadline > Instant::now() => {
+                    // The server-side wait ran out (or was capped): wait again. If it
+                    // answered before the wait was over, pause so as not to spin.
+                    if sent.elapsed() + Duration::from_millis(5) < chunk {
+                        let pause = retry_after
+                            .unwrap_or(Duration::from_millis(50))
+                            .min(Duration::from_millis(500));
+                        tokio::time::sleep(
+                            pause.min(deadline.saturating_duration_since(Instant::now())),
+                        )
+                        .await;
                     }
-                    .into());
                 }
-            };
+                Err(e) => return Err(e.into()),
+            }
+            if deadline <= Instant::now() {
+                return Err(ClientError::InProgress {
+                    key: self.key.clone(),
+                    holder: None,
+                    retry_after: None,
+                }
+                .into());
+            }
+        };
         // Keep the executor lease alive while the operation runs.
         let as_lease = holdfast_api::LeaseResponse {
             lease_id: lease_id.clone(),
