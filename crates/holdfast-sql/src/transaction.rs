@@ -567,6 +567,11 @@ where
         }
         Err(e) => {
             let ok = rolled_back(tx).await;
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                // Failed after the deadline (e.g. PostgreSQL's statement_timeout, 57014): that
+                // is the transaction timeout.
+                return (Err(timed_out()), true);
+            }
             (Err(Failure::Error(e)), !ok)
         }
     }

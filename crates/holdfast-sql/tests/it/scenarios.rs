@@ -539,7 +539,7 @@ macro_rules! scenarios {
                 assert!(joined.unwrap_err().is_panic());
 
                 // Timeout: rolled back, reported as Timeout.
-                let slow = opts.clone().timeout(Duration::from_millis(200));
+                let slow = opts.clone().timeout(Duration::from_secs(1));
                 let r: Result<(), AppErr> = transaction(&pool, &slow, |conn| {
                     let insert = insert.clone();
                     Box::pin(async move {
@@ -588,6 +588,35 @@ macro_rules! scenarios {
                 assert_eq!(ids, vec![(10,), (13,)]);
                 let m = metrics.snapshot();
                 assert_eq!((m.transactions, m.committed, m.failed, m.panics, m.timeouts), (4, 1, 3, 1, 1), "{m:?}");
+                drop_table(&pool, &t).await;
+            }
+
+            /// A statement stuck in the server past the transaction timeout: the attempt ends
+            /// with Timeout, its work is rolled back, and the pool keeps working.
+            #[tokio::test]
+            async fn timeout_interrupts_a_stuck_statement() {
+                let (pool, _slot) = require!($pool("stuck", 3));
+                let t = unique("stuck");
+                let _cleanup = cleanup(D, &[&t]);
+                exec(&pool, &format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY)")).await;
+                let opts = TxOptions::default().timeout(Duration::from_millis(500));
+                let (r, report) = transaction_with_report(&pool, &opts, |conn| {
+                    let t = t.clone();
+                    Box::pin(async move {
+                        sqlx::query(q(D, &format!("INSERT INTO {t} (id) VALUES (1)"))).execute(&mut *conn).await?;
+                        let sleep = match D {
+                            Dialect::Postgres => "SELECT pg_sleep(3)::text",
+                            _ => "SELECT CAST(SLEEP(3) AS CHAR)",
+                        };
+                        sqlx::query(sleep).execute(&mut *conn).await?;
+                        Ok::<_, SqlLockError>(())
+                    })
+                })
+                .await;
+                assert!(matches!(r, Err(SqlLockError::Timeout(_))), "{r:?}");
+                assert!(report.timed_out);
+                assert_eq!(report.attempts, 1, "timeouts are not retried");
+                assert_eq!(scalar(&pool, &format!("SELECT COUNT(*) FROM {t}")).await, 0);
                 drop_table(&pool, &t).await;
             }
 
