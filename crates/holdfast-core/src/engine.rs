@@ -373,21 +373,25 @@ impl Engine {
         }
         self.dirty.fencing_taken = self.fencing_next;
         self.dirty.seq_taken = self.event_seq_next;
-        cs.leases = dirty
-            .leases
+        // Sort the (small) ids first so the records are never moved by a sort.
+        let mut ids: Vec<LeaseId> = dirty.leases.into_iter().collect();
+        ids.sort_unstable();
+        cs.leases = ids
             .into_iter()
             .map(|id| (id, self.leases.get(&id).map(Lease::record)))
             .collect::<BTreeMap<_, _>>();
-        cs.idempotency = dirty
-            .idempotency
+        let mut keys: Vec<Box<str>> = dirty.idempotency.into_iter().collect();
+        keys.sort_unstable();
+        cs.idempotency = keys
             .into_iter()
             .map(|k| {
                 let rec = self.idem.get(&k).map(|e| e.record.clone());
                 (k.into_string(), rec)
             })
             .collect();
-        cs.lock_delays = dirty
-            .lock_delays
+        let mut keys: Vec<Box<str>> = dirty.lock_delays.into_iter().collect();
+        keys.sort_unstable();
+        cs.lock_delays = keys
             .into_iter()
             .map(|k| {
                 let d = self.keys.get(&*k).and_then(|ks| ks.delayed_until_ms);
