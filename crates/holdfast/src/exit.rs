@@ -1,4 +1,4 @@
-//! Exit codes (documented in `holdfast --help` and CLI.md) and the mapping of client errors.
+//! Exit codes (documented in `holdfast --help` and docs/cli.md) and the mapping of client errors.
 
 use holdfast_client::ClientError;
 

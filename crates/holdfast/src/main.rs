@@ -1,5 +1,5 @@
 //! The `holdfast` command: `serve` runs the lock server; the other subcommands are clients of
-//! a running server (see `holdfast --help` and `CLI.md`).
+//! a running server (see `holdfast --help` and `docs/cli.md`).
 
 mod commands;
 mod duration;
@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::duration::parse_duration;
 
-/// The exit codes, shown by `holdfast --help` (and documented in CLI.md).
+/// The exit codes, shown by `holdfast --help` (and documented in docs/cli.md).
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0    success
