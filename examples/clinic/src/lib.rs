@@ -116,6 +116,18 @@ impl Hooks {
     }
 }
 
+/// Where the vocabulary import's per-code-type lock lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ImportLock {
+    /// The holdfast server (`clinic/vocab_import/{TYPE}`): lease with renewal, fencing token,
+    /// visible in `holdfast locks`, freed when the lease expires.
+    #[default]
+    Service,
+    /// The database's named locks through holdfast-sql (PostgreSQL advisory locks, MariaDB
+    /// `GET_LOCK` — the seed's own mechanism): freed when the session ends. Not on SQLite.
+    Database,
+}
+
 /// Tunables, with the defaults of [`Config::default`].
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -129,6 +141,8 @@ pub struct Config {
     pub record_lock_ttl: Duration,
     /// Seed 000: how long an import waits for another import of its code type [60 s].
     pub import_wait: Duration,
+    /// Where the import lock lives [the holdfast server].
+    pub import_lock: ImportLock,
     /// TTL of the import lock's lease, renewed while the import runs [30 s].
     pub lock_ttl: Duration,
     /// Seed 003: how long a duplicate swap request waits for its running twin [30 s].
@@ -153,6 +167,7 @@ impl Default for Config {
             stock_nowait: true,
             record_lock_ttl: Duration::from_secs(15 * 60),
             import_wait: Duration::from_secs(60),
+            import_lock: ImportLock::Service,
             lock_ttl: Duration::from_secs(30),
             idempotency_wait: Duration::from_secs(30),
             swap_lock_wait: Duration::from_secs(10),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
-use clinic::{AppState, Config, Store};
+use clinic::{AppState, Config, ImportLock, Store};
 
 /// The clinic service: appointment booking, patient records, vocabulary imports, schedule swaps
 /// and FIFO stock, each protected by holdfast.
@@ -42,6 +42,10 @@ struct Args {
     /// How long a patient-record edit lock lasts unless released, in seconds.
     #[arg(long, default_value_t = 900)]
     record_lock_ttl_secs: u64,
+    /// Where the per-code-type import lock lives: `service` (the holdfast server) or `database`
+    /// (PostgreSQL advisory lock / MariaDB GET_LOCK; not on SQLite).
+    #[arg(long, value_parser = ["service", "database"], default_value = "service")]
+    import_lock: String,
     /// How long a vocabulary import waits for another import of its code type, in seconds.
     #[arg(long, default_value_t = 60)]
     import_wait_secs: u64,
@@ -76,6 +80,11 @@ async fn main() -> anyhow::Result<()> {
         stock_nowait: args.stock_lock == "nowait",
         record_lock_ttl: std::time::Duration::from_secs(args.record_lock_ttl_secs),
         import_wait: std::time::Duration::from_secs(args.import_wait_secs),
+        import_lock: if args.import_lock == "database" {
+            ImportLock::Database
+        } else {
+            ImportLock::Service
+        },
         ..Config::default()
     };
     let state = Arc::new(AppState::new(store, Some(holdfast), config));

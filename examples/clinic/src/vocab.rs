@@ -15,6 +15,10 @@
 //!   the next holder may already be importing.
 //!
 //! Imports of different types take different keys and run concurrently.
+//!
+//! With [`ImportLock::Database`] the same lock is a database named lock instead (holdfast-sql's
+//! advisory locks: PostgreSQL `pg_advisory_lock`, MariaDB `GET_LOCK`, exactly the seed's
+//! mechanism), for deployments without a holdfast server; it is freed when its session ends.
 
 use std::time::Duration;
 
@@ -22,12 +26,14 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use holdfast_client::ClientError;
+use holdfast_sql::SqlLockError;
+use holdfast_sql::advisory::{self, AdvisoryBackend, AdvisoryOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::appointments::checked_text;
 use crate::error::AppError;
 use crate::patients::USER_HEADER;
-use crate::{HookPoint, Locking, SharedState, header, on_db};
+use crate::{Db, HookPoint, ImportLock, Locking, SharedState, header, on_db};
 
 /// Most codes one import may carry.
 pub const IMPORT_CODES_MAX: usize = 10_000;
@@ -121,12 +127,30 @@ pub async fn import(
         let done = run_import(&state, &code_type, &req.codes, &holder, 0).await?;
         return Ok((StatusCode::CREATED, Json(done)));
     }
-    let client = state.lock_service()?;
     let wait = if req.no_wait {
         Duration::ZERO
     } else {
         state.config.import_wait
     };
+    if state.config.import_lock == ImportLock::Database {
+        let done = match &state.store.db {
+            Db::Postgres(pool) => {
+                with_named_lock(&state, pool, &code_type, &req.codes, &holder, wait).await?
+            }
+            Db::MySql(pool) => {
+                with_named_lock(&state, pool, &code_type, &req.codes, &holder, wait).await?
+            }
+            Db::Sqlite(_) => {
+                return Err(AppError::Invalid {
+                    field: "import_lock",
+                    message: "SQLite has no named locks: run the clinic with the lock service"
+                        .to_owned(),
+                });
+            }
+        };
+        return Ok((StatusCode::CREATED, Json(done)));
+    }
+    let client = state.lock_service()?;
     let guard = client
         .lock(lock_key(&code_type))
         .holder(holder.clone())
@@ -148,6 +172,40 @@ pub async fn import(
         tracing::warn!(error = %e, code_type, "releasing the import lock failed; it expires after its TTL");
     }
     Ok((StatusCode::CREATED, Json(outcome?)))
+}
+
+/// The import under a database named lock (seed 000's `GET_LOCK` per code type, or a PostgreSQL
+/// advisory lock), named after the table prefix so that clinics sharing a database server but
+/// not their tables do not block each other. One attempt that waits up to `wait` in the database
+/// (zero: a try).
+async fn with_named_lock<DB: AdvisoryBackend>(
+    state: &SharedState,
+    pool: &sqlx::Pool<DB>,
+    code_type: &str,
+    codes: &[Code],
+    holder: &str,
+    wait: Duration,
+) -> Result<Import, AppError> {
+    let name = format!("{}vocab_import/{code_type}", state.store.prefix());
+    let options = AdvisoryOptions::no_wait().wait(wait);
+    let guard = advisory::lock(pool, &name, &options)
+        .await
+        .map_err(|e| match e {
+            SqlLockError::AdvisoryHeld { holder, .. } => AppError::ImportBusy {
+                code_type: code_type.to_owned(),
+                detail: format!("another import of {code_type} is in progress"),
+                holders: holder
+                    .map(|h| format!("database session {h}"))
+                    .into_iter()
+                    .collect(),
+            },
+            e => AppError::from(e),
+        })?;
+    let outcome = run_import(state, code_type, codes, holder, 0).await;
+    if let Err(e) = guard.release().await {
+        tracing::warn!(error = %e, code_type, "releasing the named import lock failed");
+    }
+    outcome
 }
 
 fn busy(code_type: &str, e: ClientError) -> AppError {

@@ -203,4 +203,80 @@ async fn import_stops_when_its_lock_is_lost(backend: Backend) {
     app.finish().await;
 }
 
+fn named_lock_options() -> Options {
+    let mut options = Options::default();
+    options.config.import_lock = clinic::ImportLock::Database;
+    options
+}
+
+/// The same serialization with the database's named locks (PostgreSQL advisory locks, MariaDB
+/// `GET_LOCK`) instead of the lock service.
+async fn named_lock_serializes_same_type(backend: Backend) {
+    let overlap = Overlap::default();
+    let hooks = overlap.hooks(
+        HookPoint::VocabStarted,
+        HookPoint::VocabFinished,
+        HookPoint::VocabCleared,
+    );
+    let Some(app) = app(backend, named_lock_options().hooks(hooks)).await else {
+        return;
+    };
+    let replies =
+        join_all((0..4).map(|b| app.post("/vocabulary/RXNORM/imports", codes(b, 20)))).await;
+    assert_eq!(
+        statuses(&replies).get(&201),
+        Some(&4),
+        "{:?}",
+        replies.iter().find(|r| r.status != 201)
+    );
+    assert_eq!(
+        overlap.max.lock().expect("lock").get("RXNORM"),
+        Some(&1),
+        "one RXNORM import at a time"
+    );
+    assert_eq!(codes_of(&app, "RXNORM").await.len(), 20);
+    app.finish().await;
+}
+
+/// No-wait with the named lock held by another session: 409 at once; then the import runs.
+async fn named_lock_no_wait(backend: Backend) {
+    let Some(app) = app(backend, named_lock_options()).await else {
+        return;
+    };
+    let name = format!("{}vocab_import/ICD10", app.store.prefix());
+    let options = holdfast_sql::advisory::AdvisoryOptions::no_wait();
+    let mut body = codes(1, 3);
+    body["no_wait"] = json!(true);
+    let refused = match &app.store.db {
+        clinic::Db::Postgres(pool) => {
+            let guard = holdfast_sql::advisory::lock(pool, &name, &options)
+                .await
+                .expect("lock");
+            let r = app.post("/vocabulary/ICD10/imports", body.clone()).await;
+            guard.release().await.expect("release");
+            r
+        }
+        clinic::Db::MySql(pool) => {
+            let guard = holdfast_sql::advisory::lock(pool, &name, &options)
+                .await
+                .expect("lock");
+            let r = app.post("/vocabulary/ICD10/imports", body.clone()).await;
+            guard.release().await.expect("release");
+            r
+        }
+        clinic::Db::Sqlite(_) => unreachable!("named locks are tested on PostgreSQL and MariaDB"),
+    };
+    assert_eq!(
+        (refused.status.as_u16(), refused.body["error"].as_str()),
+        (409, Some("import_in_progress")),
+        "{:?}",
+        refused.body
+    );
+    let r = app.post("/vocabulary/ICD10/imports", body).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    app.finish().await;
+}
+
+per_backend!(named_lock_serializes_same_type: postgres => Postgres, mariadb => MariaDb);
+per_backend!(named_lock_no_wait: postgres => Postgres, mariadb => MariaDb);
 per_backend!(import_stops_when_its_lock_is_lost: sqlite => Sqlite);
