@@ -9,7 +9,7 @@
 //! | status transitions by role | 001 | row lock on the appointment, transition table | [`appointments`] |
 //! | one prescription / one rating per appointment | 001 | row lock on the appointment | [`appointments`] |
 //! | editing a patient record over several requests | 002 | offline lock table (holdfast-sql), 412 for another holder | [`patients`] |
-//! | vocabulary import per code type | 000 | holdfast lock `clinic/vocab_import/{TYPE}` with wait / no-wait | [`vocab`] |
+//! | vocabulary import per code type | 000 | holdfast lock `clinic/vocab_import/{TYPE}` with wait / no-wait (or a database named lock) | [`vocab`] |
 //! | schedule swap and its rollback, exactly once | 003 | holdfast idempotency records + multi-key lock + fencing tokens | [`swaps`] |
 //! | FIFO stock consumption | 004 | `FOR UPDATE NOWAIT` on the layers, retried (holdfast-sql) | [`stock`] |
 //!
