@@ -22,6 +22,20 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::cases(200), ..ProptestConfig::default() })]
+
+    /// Long histories: many leases come and go, queues build up and drain.
+    #[test]
+    fn engine_matches_model_long_histories(ops in proptest::collection::vec(op_strategy(3), 300..600)) {
+        let mut h = Harness::new();
+        for op in &ops {
+            h.apply(op);
+        }
+        h.drain();
+    }
+}
+
 /// The generator must actually exercise the interesting paths (waits, timeouts, deadlocks,
 /// lock-delay), or the model test proves little.
 #[test]

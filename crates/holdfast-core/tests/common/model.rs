@@ -1173,11 +1173,13 @@ impl Harness {
         }
     }
 
+    /// One of the 64 most recent leases (older ones are mostly gone in long histories).
     fn pick_lease(&self, i: usize) -> LeaseId {
-        if self.leases.is_empty() {
+        let n = self.leases.len();
+        if n == 0 {
             LeaseId(999_999)
         } else {
-            self.leases[i % self.leases.len()]
+            self.leases[n - 1 - i % n]
         }
     }
 
@@ -1287,7 +1289,8 @@ impl Harness {
             }
             Op::Cancel { waiter } => {
                 if !self.waiters.is_empty() {
-                    let w = self.waiters[waiter % self.waiters.len()];
+                    let n = self.waiters.len();
+                    let w = self.waiters[n - 1 - waiter % n];
                     let a = self.engine.cancel_wait(self.now, w);
                     let b = self.model.cancel(self.now, w);
                     assert_eq!(a, b, "cancel_wait");
@@ -1298,7 +1301,8 @@ impl Harness {
             }
             Op::Undo { grant } => {
                 if !self.grants.is_empty() {
-                    let g = self.grants.remove(grant % self.grants.len());
+                    let n = self.grants.len();
+                    let g = self.grants.remove(n - 1 - grant % n);
                     self.engine.undo_grant(self.now, &g);
                     self.model.undo(self.now, &g);
                 }
