@@ -287,3 +287,83 @@ impl IntoResponse for AppError {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_codes() {
+        let cases: Vec<(AppError, u16, &str)> = vec![
+            (
+                AppError::SlotTaken {
+                    doctor_id: 1,
+                    scheduled_at: "t".into(),
+                },
+                409,
+                "slot_taken",
+            ),
+            (
+                AppError::InvalidTransition {
+                    from: "pending".into(),
+                    to: "completed".into(),
+                },
+                422,
+                "invalid_transition",
+            ),
+            (
+                AppError::RecordLocked {
+                    object: "patient/1".into(),
+                    holder: "a".into(),
+                    reason: None,
+                    expires_at: None,
+                },
+                412,
+                "record_locked",
+            ),
+            (
+                AppError::Shortage {
+                    requested: 100,
+                    available: 0,
+                },
+                409,
+                "shortage",
+            ),
+            (
+                AppError::FingerprintMismatch("k".into()),
+                422,
+                "fingerprint_mismatch",
+            ),
+            (AppError::Busy("x".into()), 503, "busy"),
+            (
+                AppError::Db(SqlLockError::Sql(sqlx::Error::RowNotFound)),
+                500,
+                "database_error",
+            ),
+        ];
+        for (error, status, code) in cases {
+            assert_eq!(
+                (error.status().as_u16(), error.code()),
+                (status, code),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_body_carries_code_message_and_details() {
+        let response = AppError::Shortage {
+            requested: 100,
+            available: 20,
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        let busy = AppError::Busy("x".into()).into_response();
+        assert_eq!(
+            busy.headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+    }
+}
