@@ -28,6 +28,8 @@
 //! No lock logic of its own: database locking is holdfast-sql's, service locking and
 //! idempotency are the holdfast server's (through holdfast-client).
 
+#![warn(missing_docs)]
+
 pub mod appointments;
 pub mod db;
 pub mod error;
