@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::adapter::{LockConn, LockSystem};
-use crate::procfs::{MemSample, cpu_seconds, mem_sample};
+use crate::procfs::{MemSample, cpu_seconds, mem_sample, own_cpu_seconds};
 
 /// Longest wait of an acquire in W1 and W3 (uncontended: a refusal is an error).
 pub const UNCONTENDED_WAIT: Duration = Duration::from_secs(5);
@@ -80,16 +80,14 @@ pub struct UncontendedResult {
     /// CPU time the server's process tree spent per pair in the measured window (`None`
     /// when its PID is unknown).
     pub server_cpu_us_per_pair: Option<f64>,
-    /// CPU time this benchmark process (the clients) spent per pair.
+    /// CPU time this benchmark process (the clients; not the servers it started) spent per
+    /// pair.
     pub bench_cpu_us_per_pair: Option<f64>,
 }
 
-/// CPU seconds of (server tree, this process) now.
+/// CPU seconds of (server tree, this process alone) now.
 fn cpu_now(server_pid: Option<u32>) -> (Option<f64>, Option<f64>) {
-    (
-        server_pid.and_then(cpu_seconds),
-        cpu_seconds(std::process::id()),
-    )
+    (server_pid.and_then(cpu_seconds), own_cpu_seconds())
 }
 
 #[allow(clippy::cast_precision_loss)]
