@@ -951,9 +951,10 @@ impl Engine {
     }
 
     /// Create a lease that holds nothing yet.
+    /// Takes the request's strings by value: no copies.
     pub(crate) fn create_lease(
         &mut self,
-        nl: &NewLease,
+        nl: NewLease,
         t: TimeMs,
         executing: Option<Box<str>>,
     ) -> Result<LeaseId, LockError> {
@@ -965,9 +966,9 @@ impl Engine {
         }
         let expires_at_ms = t.saturating_add(nl.ttl_ms);
         let extra = LeaseExtra {
-            reason: nl.reason.as_deref().map(Into::into),
-            metadata: nl.metadata.as_deref().map(Into::into),
-            owner: nl.owner.as_deref().map(Into::into),
+            reason: nl.reason.map(String::into_boxed_str),
+            metadata: nl.metadata.map(String::into_boxed_str),
+            owner: nl.owner.map(String::into_boxed_str),
             executing,
         }
         .boxed();
@@ -975,7 +976,7 @@ impl Engine {
             nl.lease_id,
             Lease::new(
                 nl.lease_id,
-                nl.holder.as_str().into(),
+                nl.holder.into_boxed_str(),
                 nl.ttl_ms,
                 expires_at_ms,
                 t,
@@ -998,7 +999,7 @@ impl Engine {
         since: Option<TimeMs>,
     ) -> Result<Grant, LockError> {
         let (id, created_lease) = match target {
-            GrantTarget::New(nl) => (self.create_lease(&nl, t, None)?, true),
+            GrantTarget::New(nl) => (self.create_lease(nl, t, None)?, true),
             GrantTarget::Lease(id) => {
                 if !self.leases.contains_key(&id) {
                     return Err(LockError::LeaseNotFound { lease_id: id });

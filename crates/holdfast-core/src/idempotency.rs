@@ -46,7 +46,7 @@ impl Engine {
             let view = self.start_execution(
                 now,
                 req.key.as_str().into(),
-                &req.lease,
+                req.lease,
                 req.fingerprint,
                 req.record_ttl_ms,
                 VecDeque::new(),
@@ -100,7 +100,7 @@ impl Engine {
         &mut self,
         t: TimeMs,
         key: Box<str>,
-        lease: &NewLease,
+        lease: NewLease,
         fingerprint: String,
         record_ttl_ms: u64,
         waiters: VecDeque<WaiterId>,
@@ -210,7 +210,7 @@ impl Engine {
             let started = self.start_execution(
                 t,
                 key.into(),
-                &iw.lease,
+                iw.lease,
                 iw.fingerprint,
                 iw.record_ttl_ms,
                 std::mem::take(&mut waiters),
