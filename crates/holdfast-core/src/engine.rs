@@ -1036,6 +1036,8 @@ impl Engine {
         waited_ms: Option<u64>,
     ) -> HeldLockView {
         let Some(lease) = self.leases.get_mut(&id) else {
+            // Unreachable: `do_grant` checked the lease exists. Answer "nothing held"
+            // rather than panic in library code.
             return HeldLockView {
                 key: spec.key.clone(),
                 kind: spec.kind,
