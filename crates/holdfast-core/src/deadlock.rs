@@ -13,8 +13,11 @@
 //! A new request of lease `A` closes a cycle exactly when a path leads from the request back
 //! to `A`; that is checked before the request is queued. Grants only turn edges to a request
 //! into edges to its lease, whose pending request is then gone, so a grant never closes a
-//! cycle; releases, expiries and timeouts only remove edges. Checking at enqueue time
-//! therefore finds every cycle.
+//! cycle; releases, expiries and timeouts only remove edges. The one other way a queued
+//! request gains edges is its lease losing a key the request counted on (the lease's own
+//! release, or an admin's force release): the request then needs that key afresh, so it is
+//! re-checked at that moment for any cycle through itself (requests queued after it may now
+//! point at it). Checking at these two moments therefore finds every cycle.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
@@ -167,15 +170,18 @@ impl Engine {
         locks: &[LockSpec],
     ) -> Option<Vec<String>> {
         let starts = self.request_blockers(Some(requester), locks, None);
-        self.cycle_back_to(requester, &starts)
+        self.cycle_back_to(requester, &starts, Node::Lease(requester))
     }
 
-    /// A path from `starts` back to lease `requester`, as holder names (requester first and
-    /// last).
-    pub(crate) fn cycle_back_to(&self, requester: LeaseId, starts: &[Node]) -> Option<Vec<String>> {
-        let path = find_path(starts, Node::Lease(requester), |n| {
-            self.wait_for_successors(n)
-        })?;
+    /// A path from `starts` back to `target` (lease `requester` or its queued request), as
+    /// holder names (requester first and last).
+    pub(crate) fn cycle_back_to(
+        &self,
+        requester: LeaseId,
+        starts: &[Node],
+        target: Node,
+    ) -> Option<Vec<String>> {
+        let path = find_path(starts, target, |n| self.wait_for_successors(n))?;
         let name_of_lease = |id: LeaseId| {
             self.leases
                 .get(&id)
@@ -218,8 +224,10 @@ impl Engine {
             return;
         };
         let kind = spec.kind;
+        // Unlike a new request, a queued one also has requests queued after it pointing at
+        // it, so look for any cycle through the request itself, not only through its lease.
         let starts = self.wait_for_successors(Node::Waiter(w));
-        let Some(cycle) = self.cycle_back_to(id, &starts) else {
+        let Some(cycle) = self.cycle_back_to(id, &starts, Node::Waiter(w)) else {
             return;
         };
         let holder = waiter.holder.to_string();
