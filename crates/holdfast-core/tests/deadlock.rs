@@ -24,6 +24,20 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::cases(150), ..ProptestConfig::default() })]
+
+    /// Long incremental-heavy histories: queues and wait-for graphs grow deep.
+    #[test]
+    fn deadlock_detection_long_histories(ops in proptest::collection::vec(op_strategy(12), 200..400)) {
+        let mut h = Harness::new();
+        for op in &ops {
+            h.apply(op);
+        }
+        h.drain();
+    }
+}
+
 #[test]
 fn random_graphs_produce_deadlocks() {
     use proptest::strategy::ValueTree;
