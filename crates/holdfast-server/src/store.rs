@@ -211,38 +211,28 @@ impl Store {
         for entry in leases.iter()? {
             let (k, v) = entry?;
             let id = LeaseId(k.value());
-            let record: LeaseRecord =
-                postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
-                    table: "leases",
-                    record: format!("lease {id}"),
-                    reason: e.to_string(),
-                })?;
-            if record.lease_id != id {
-                return Err(StoreError::Corrupt {
-                    table: "leases",
-                    record: format!("lease {id}"),
-                    reason: format!("record names lease {}", record.lease_id),
-                });
-            }
+            let record: LeaseRecord = decode_record(
+                "leases",
+                || format!("lease {id}"),
+                v.value(),
+                |r: &LeaseRecord| {
+                    (r.lease_id != id).then(|| format!("record names lease {}", r.lease_id))
+                },
+            )?;
             state.leases.push(record);
         }
         let idem = tx.open_table(IDEMPOTENCY)?;
         for entry in idem.iter()? {
             let (k, v) = entry?;
-            let key = k.value().to_owned();
-            let record: IdempotencyRecord =
-                postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
-                    table: "idempotency",
-                    record: format!("key {key:?}"),
-                    reason: e.to_string(),
-                })?;
-            if record.key != key {
-                return Err(StoreError::Corrupt {
-                    table: "idempotency",
-                    record: format!("key {key:?}"),
-                    reason: format!("record names key {:?}", record.key),
-                });
-            }
+            let key = k.value();
+            let record: IdempotencyRecord = decode_record(
+                "idempotency",
+                || format!("key {key:?}"),
+                v.value(),
+                |r: &IdempotencyRecord| {
+                    (r.key != key).then(|| format!("record names key {:?}", r.key))
+                },
+            )?;
             state.idempotency.push(record);
         }
         let delays = tx.open_table(LOCK_DELAYS)?;
@@ -735,5 +725,28 @@ mod tests {
         let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("leases"), "{err}");
+    }
+}
+
+/// Decode one stored record and check it is filed under its own key (`misfiled` answers why
+/// not); either failure is `Corrupt`, naming the table and the record.
+fn decode_record<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    record: impl Fn() -> String,
+    bytes: &[u8],
+    misfiled: impl FnOnce(&T) -> Option<String>,
+) -> Result<T, StoreError> {
+    let value: T = postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        record: record(),
+        reason: e.to_string(),
+    })?;
+    match misfiled(&value) {
+        None => Ok(value),
+        Some(reason) => Err(StoreError::Corrupt {
+            table,
+            record: record(),
+            reason,
+        }),
     }
 }
