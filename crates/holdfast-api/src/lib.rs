@@ -10,8 +10,12 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub mod wire;
+
 /// Default server address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7390";
+/// Default address of the wire protocol ([`wire`]): the HTTP port + 1.
+pub const DEFAULT_WIRE_LISTEN: &str = "127.0.0.1:7391";
 
 /// Stable error codes. The string form (snake_case) is part of the API.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, ToSchema)]

@@ -169,6 +169,19 @@ impl Authenticator {
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?
             .trim();
+        self.authenticate_secret(Some(secret))
+    }
+
+    /// Identify the caller from a token secret (the wire protocol's `hello`).
+    ///
+    /// # Errors
+    /// `401 unauthorized` if missing or unknown while tokens are configured.
+    pub fn authenticate_secret(&self, secret: Option<&str>) -> Result<Principal, ApiError> {
+        if self.is_open() {
+            return Ok(Principal::open_admin());
+        }
+        let secret =
+            secret.ok_or_else(|| ApiError::unauthorized("missing token in the wire hello"))?;
         let presented: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
         let mut found: Option<&TokenConfig> = None;
         for (token, digest) in &self.tokens {

@@ -6,6 +6,7 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:7390"          # default
+//! wire_listen = "127.0.0.1:7391"     # default: listen's port + 1 ("off" disables)
 //! data_dir = "./holdfast-data"       # default
 //! durability = "sync"                # sync | async | memory
 //! restart_grace_ms = 10000
@@ -23,6 +24,7 @@
 //! command_queue_max = 10000
 //! waiters_total_max = 100000         # queued requests over all keys
 //! event_streams_max = 1000           # open GET /v1/events streams
+//! wire_connections_max = 10000      # open wire-protocol connections
 //!
 //! [[tokens]]
 //! name = "ops"
@@ -63,6 +65,8 @@ pub const WAITERS_TOTAL_MAX_DEFAULT: usize = 100_000;
 pub const EVENT_STREAMS_MAX_DEFAULT: usize = 1_000;
 /// Most commands the engine host applies in one batch (one store commit).
 pub const BATCH_COMMANDS_MAX: usize = 1_024;
+/// Default most open wire-protocol connections.
+pub const WIRE_CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 /// Events kept for `Last-Event-ID` resumption.
 pub const EVENT_BUFFER_MAX: usize = 10_000;
 
@@ -99,6 +103,12 @@ pub struct ServeArgs {
     /// address is printed on stdout as `listening on http://ADDR`.
     #[arg(long, env = "HOLDFAST_LISTEN")]
     pub listen: Option<String>,
+    /// Address of the wire protocol (a compact framed protocol for acquire, renew and release
+    /// on one TCP connection; see docs/wire.md) [default: the --listen port + 1, i.e.
+    /// 127.0.0.1:7391; port 0 when --listen has port 0]. `off` disables it. The bound address
+    /// is printed on stdout as `wire protocol on ADDR`.
+    #[arg(long, env = "HOLDFAST_WIRE_LISTEN")]
+    pub wire_listen: Option<String>,
     /// Directory of the embedded database [default: ./holdfast-data].
     #[arg(long, env = "HOLDFAST_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -183,6 +193,8 @@ pub struct LimitsConfig {
     pub waiters_total_max: Option<usize>,
     /// See [`ServerLimits`].
     pub event_streams_max: Option<usize>,
+    /// See [`ServerLimits`].
+    pub wire_connections_max: Option<usize>,
 }
 
 /// The TOML config file.
@@ -191,6 +203,8 @@ pub struct LimitsConfig {
 pub struct FileConfig {
     /// See [`ServeArgs::listen`].
     pub listen: Option<String>,
+    /// See [`ServeArgs::wire_listen`].
+    pub wire_listen: Option<String>,
     /// See [`ServeArgs::data_dir`].
     pub data_dir: Option<PathBuf>,
     /// See [`ServeArgs::durability`].
@@ -224,6 +238,8 @@ pub struct ServerLimits {
     pub waiters_total_max: usize,
     /// Most open event streams before `overloaded`.
     pub event_streams_max: usize,
+    /// Most open wire-protocol connections (more are answered `overloaded` and closed).
+    pub wire_connections_max: usize,
 }
 
 impl Default for ServerLimits {
@@ -235,6 +251,7 @@ impl Default for ServerLimits {
             command_queue_max: COMMAND_QUEUE_MAX_DEFAULT,
             waiters_total_max: WAITERS_TOTAL_MAX_DEFAULT,
             event_streams_max: EVENT_STREAMS_MAX_DEFAULT,
+            wire_connections_max: WIRE_CONNECTIONS_MAX_DEFAULT,
         }
     }
 }
@@ -245,6 +262,8 @@ impl Default for ServerLimits {
 pub struct ServerConfig {
     /// Where to listen (`127.0.0.1:0` picks a free port).
     pub listen: String,
+    /// Where the wire protocol listens; `None` = not at all.
+    pub wire_listen: Option<String>,
     /// Directory of `holdfast.redb` (unused with [`Durability::Memory`]).
     pub data_dir: PathBuf,
     /// Durability mode.
@@ -268,6 +287,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: LISTEN_DEFAULT.to_owned(),
+            wire_listen: Some(holdfast_api::DEFAULT_WIRE_LISTEN.to_owned()),
             data_dir: PathBuf::from(DATA_DIR_DEFAULT),
             durability: Durability::Sync,
             restart_grace_ms: RESTART_GRACE_MS_DEFAULT,
@@ -286,6 +306,7 @@ impl ServerConfig {
     pub fn ephemeral_memory() -> Self {
         Self {
             listen: "127.0.0.1:0".to_owned(),
+            wire_listen: Some("127.0.0.1:0".to_owned()),
             durability: Durability::Memory,
             ..Self::default()
         }
@@ -296,6 +317,7 @@ impl ServerConfig {
     pub fn ephemeral_sync(data_dir: &Path) -> Self {
         Self {
             listen: "127.0.0.1:0".to_owned(),
+            wire_listen: Some("127.0.0.1:0".to_owned()),
             data_dir: data_dir.to_path_buf(),
             durability: Durability::Sync,
             ..Self::default()
@@ -338,12 +360,19 @@ impl ServerConfig {
             wait_ms_max: d.engine.wait_ms_max,
             lease_ttl_ms_max: d.engine.lease_ttl_ms_max,
         };
+        let listen = args
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| LISTEN_DEFAULT.to_owned());
+        let wire_listen = match args.wire_listen.clone().or(file.wire_listen) {
+            Some(w) if w.eq_ignore_ascii_case("off") || w.eq_ignore_ascii_case("none") => None,
+            Some(w) => Some(w),
+            None => Some(wire_beside(&listen)?),
+        };
         let config = Self {
-            listen: args
-                .listen
-                .clone()
-                .or(file.listen)
-                .unwrap_or_else(|| LISTEN_DEFAULT.to_owned()),
+            listen,
+            wire_listen,
             data_dir: args
                 .data_dir
                 .clone()
@@ -375,6 +404,7 @@ impl ServerConfig {
                 command_queue_max: fl.command_queue_max.unwrap_or(d.command_queue_max),
                 waiters_total_max: fl.waiters_total_max.unwrap_or(d.waiters_total_max),
                 event_streams_max: fl.event_streams_max.unwrap_or(d.event_streams_max),
+                wire_connections_max: fl.wire_connections_max.unwrap_or(d.wire_connections_max),
             },
             tokens: file.tokens,
             exit_on_store_failure: true,
@@ -429,9 +459,10 @@ impl ServerConfig {
             || self.limits.command_queue_max == 0
             || self.limits.waiters_total_max == 0
             || self.limits.event_streams_max == 0
+            || self.limits.wire_connections_max == 0
         {
             return Err(ServeError::Config(
-                "limits leases_per_token_max, command_queue_max, waiters_total_max and event_streams_max must be positive, request_body_bytes_max at least 1024".to_owned(),
+                "limits leases_per_token_max, command_queue_max, waiters_total_max, event_streams_max and wire_connections_max must be positive, request_body_bytes_max at least 1024".to_owned(),
             ));
         }
         if self.async_flush_ms == 0 {
@@ -465,25 +496,51 @@ impl ServerConfig {
     /// # Errors
     /// Unresolvable address, or insecure bind.
     pub fn listen_addr(&self) -> Result<SocketAddr, ServeError> {
+        self.resolve("listen", &self.listen)
+    }
+
+    /// Resolve the wire-protocol address (`None` when disabled), with the same loopback rule.
+    ///
+    /// # Errors
+    /// Unresolvable address, or insecure bind.
+    pub fn wire_addr(&self) -> Result<Option<SocketAddr>, ServeError> {
+        self.wire_listen
+            .as_deref()
+            .map(|w| self.resolve("wire_listen", w))
+            .transpose()
+    }
+
+    fn resolve(&self, what: &str, text: &str) -> Result<SocketAddr, ServeError> {
         use std::net::ToSocketAddrs;
-        let addr = self
-            .listen
+        let addr = text
             .to_socket_addrs()
-            .map_err(|e| {
-                ServeError::Config(format!("invalid listen address {:?}: {e}", self.listen))
-            })?
+            .map_err(|e| ServeError::Config(format!("invalid {what} address {text:?}: {e}")))?
             .next()
             .ok_or_else(|| {
-                ServeError::Config(format!(
-                    "listen address {:?} resolves to nothing",
-                    self.listen
-                ))
+                ServeError::Config(format!("{what} address {text:?} resolves to nothing"))
             })?;
         if self.tokens.is_empty() && !addr.ip().is_loopback() && !self.allow_insecure_bind {
             return Err(ServeError::InsecureBind(addr));
         }
         Ok(addr)
     }
+}
+
+/// The default wire address: the HTTP listen address with its port + 1 (port 0 stays 0).
+fn wire_beside(listen: &str) -> Result<String, ServeError> {
+    let bad = || {
+        ServeError::Config(format!(
+            "cannot derive the wire-protocol address from listen address {listen:?}; set --wire-listen ADDR or --wire-listen off"
+        ))
+    };
+    let (host, port) = listen.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let wire_port = if port == 0 {
+        0
+    } else {
+        port.checked_add(1).ok_or_else(bad)?
+    };
+    Ok(format!("{host}:{wire_port}"))
 }
 
 #[cfg(test)]
@@ -543,7 +600,35 @@ prefixes = ["clinic/"]
 
         let defaults = ServerConfig::from_args(&ServeArgs::default()).unwrap();
         assert_eq!(defaults.listen, "127.0.0.1:7390");
+        assert_eq!(defaults.wire_listen.as_deref(), Some("127.0.0.1:7391"));
         assert_eq!(defaults.durability, Durability::Sync);
+    }
+
+    #[test]
+    fn the_wire_address_follows_listen_unless_set_or_off() {
+        let with = |listen: &str, wire: Option<&str>| {
+            ServerConfig::from_args(&ServeArgs {
+                listen: Some(listen.into()),
+                wire_listen: wire.map(Into::into),
+                ..ServeArgs::default()
+            })
+        };
+        let c = with("127.0.0.1:9000", None).unwrap();
+        assert_eq!(c.wire_listen.as_deref(), Some("127.0.0.1:9001"));
+        let c = with("127.0.0.1:0", None).unwrap();
+        assert_eq!(c.wire_listen.as_deref(), Some("127.0.0.1:0"));
+        let c = with("[::1]:7390", None).unwrap();
+        assert_eq!(c.wire_listen.as_deref(), Some("[::1]:7391"));
+        let c = with("127.0.0.1:9000", Some("off")).unwrap();
+        assert_eq!(c.wire_listen, None);
+        assert_eq!(c.wire_addr().unwrap(), None);
+        let c = with("127.0.0.1:9000", Some("127.0.0.1:1234")).unwrap();
+        assert_eq!(c.wire_listen.as_deref(), Some("127.0.0.1:1234"));
+        let err = with("127.0.0.1:65535", None).unwrap_err().to_string();
+        assert!(err.contains("--wire-listen"), "{err}");
+        // Open mode refuses a non-loopback wire address like the HTTP one.
+        let c = with("127.0.0.1:9000", Some("0.0.0.0:9001")).unwrap();
+        assert!(matches!(c.wire_addr(), Err(ServeError::InsecureBind(_))));
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod store;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -110,10 +111,13 @@ pub enum ServeError {
 pub struct RunningServer {
     /// The bound address (the real port when the config asked for port 0).
     pub addr: SocketAddr,
+    /// The bound wire-protocol address, if enabled.
+    pub wire_addr: Option<SocketAddr>,
     counters: Arc<ServerCounters>,
     state: Arc<AppState>,
     shutdown_tx: watch::Sender<bool>,
     server_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    wire_task: Option<tokio::task::JoinHandle<()>>,
     host_thread: Option<std::thread::JoinHandle<()>>,
     engine: EngineHandle,
 }
@@ -122,6 +126,7 @@ impl std::fmt::Debug for RunningServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningServer")
             .field("addr", &self.addr)
+            .field("wire_addr", &self.wire_addr)
             .finish_non_exhaustive()
     }
 }
@@ -150,12 +155,16 @@ impl RunningServer {
     /// (at most 10 s), commit and close the store.
     pub async fn shutdown(mut self) {
         self.signal_stop();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         if let Some(task) = self.server_task.take() {
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        if let Some(task) = self.wire_task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
                 abort.abort();
             }
         }
@@ -189,6 +198,19 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
     let addr = listener.local_addr()?;
+    let wire_listener = match config.wire_addr()? {
+        Some(wire_addr) => Some(tokio::net::TcpListener::bind(wire_addr).await.map_err(
+            |source| ServeError::Bind {
+                addr: wire_addr,
+                source,
+            },
+        )?),
+        None => None,
+    };
+    let wire_addr = wire_listener
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()?;
 
     let clock = Clock::new();
     let recovery_started = Instant::now();
@@ -235,6 +257,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         event_streams: std::sync::atomic::AtomicUsize::new(0),
     });
     let app = http::router(Arc::clone(&state));
+    let wire_task = wire_listener.map(|listener| {
+        tokio::spawn(wire::serve(
+            listener,
+            Arc::clone(&state),
+            shutdown_rx.clone(),
+        ))
+    });
     let mut stop = shutdown_rx;
     let server_task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -246,6 +275,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     state.ready.store(true, Ordering::SeqCst);
     tracing::info!(
         listen = %addr,
+        wire = %wire_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         durability = config.durability.as_str(),
         data_dir = %config.data_dir.display(),
         auth = %auth_mode,
@@ -256,6 +286,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     );
     Ok(RunningServer {
         addr,
+        wire_addr,
+        wire_task,
         counters,
         state,
         shutdown_tx,
@@ -343,6 +375,9 @@ pub fn serve_blocking(args: ServeArgs) -> Result<(), ServeError> {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "listening on http://{}", server.addr);
+            if let Some(wire) = server.wire_addr {
+                let _ = writeln!(out, "wire protocol on {wire}");
+            }
             let _ = out.flush();
         }
         wait_for_signal().await;

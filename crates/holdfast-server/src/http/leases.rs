@@ -5,7 +5,7 @@ use holdfast_api::{AddLocksRequest, CreateLeaseRequest, ErrorBody, LeaseResponse
 use holdfast_core::limits::LEASE_TTL_MS_DEFAULT;
 use holdfast_core::{AcquireRequest, LeaseTarget, LockSpec, NewLease};
 
-use super::{ApiJson, ApiPath, OptionalJson, Shared, new_lease_id, parse_lease_id};
+use super::{ApiJson, ApiPath, AppState, OptionalJson, Shared, new_lease_id, parse_lease_id};
 use crate::actor::Command;
 use crate::auth::Principal;
 use crate::convert::{lease_response, lock_spec};
@@ -41,6 +41,15 @@ pub async fn create_lease(
     principal: Principal,
     ApiJson(body): ApiJson<CreateLeaseRequest>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
+    create_lease_op(&state, &principal, body).await.map(Json)
+}
+
+/// `create_lease` without the HTTP extraction (shared with the wire protocol).
+pub async fn create_lease_op(
+    state: &AppState,
+    principal: &Principal,
+    body: CreateLeaseRequest,
+) -> Result<LeaseResponse, ApiError> {
     principal.check_write()?;
     principal.check_keys(body.locks.iter().map(|l| l.key.as_str()))?;
     let locks = specs(&body.locks)?;
@@ -67,10 +76,7 @@ pub async fn create_lease(
             reply,
         })
         .await?;
-    Ok(Json(lease_response(
-        &grant.lease,
-        state.engine.clock.now_ms(),
-    )))
+    Ok(lease_response(&grant.lease, state.engine.clock.now_ms()))
 }
 
 /// Read a lease (its creator or an admin; anyone else gets `404 lease_not_found`).
@@ -87,7 +93,16 @@ pub async fn get_lease(
     principal: Principal,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
-    let lease_id = parse_lease_id(&id)?;
+    get_lease_op(&state, &principal, &id).await.map(Json)
+}
+
+/// `get_lease` without the HTTP extraction.
+pub async fn get_lease_op(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<LeaseResponse, ApiError> {
+    let lease_id = parse_lease_id(id)?;
     let owner_check = principal.owner_filter();
     let lease = state
         .engine
@@ -97,7 +112,7 @@ pub async fn get_lease(
             reply,
         })
         .await?;
-    Ok(Json(lease_response(&lease, state.engine.clock.now_ms())))
+    Ok(lease_response(&lease, state.engine.clock.now_ms()))
 }
 
 /// Add locks to an existing lease (incremental acquisition; refused with `deadlock` if waiting
@@ -120,8 +135,18 @@ pub async fn add_locks(
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<AddLocksRequest>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
+    add_locks_op(&state, &principal, &id, body).await.map(Json)
+}
+
+/// `add_locks` without the HTTP extraction.
+pub async fn add_locks_op(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    body: AddLocksRequest,
+) -> Result<LeaseResponse, ApiError> {
     principal.check_write()?;
-    let lease_id = parse_lease_id(&id)?;
+    let lease_id = parse_lease_id(id)?;
     principal.check_keys(body.locks.iter().map(|l| l.key.as_str()))?;
     let locks = specs(&body.locks)?;
     let wait_ms = body.wait_ms.unwrap_or(0);
@@ -141,10 +166,7 @@ pub async fn add_locks(
             reply,
         })
         .await?;
-    Ok(Json(lease_response(
-        &grant.lease,
-        state.engine.clock.now_ms(),
-    )))
+    Ok(lease_response(&grant.lease, state.engine.clock.now_ms()))
 }
 
 /// Renew a lease and all its locks to `now + ttl_ms` (default: its current TTL). An empty body
@@ -164,10 +186,21 @@ pub async fn renew(
     ApiPath(id): ApiPath<String>,
     OptionalJson(body): OptionalJson<RenewRequest>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
+    renew_op(&state, &principal, &id, body.ttl_ms)
+        .await
+        .map(Json)
+}
+
+/// `renew` without the HTTP extraction.
+pub async fn renew_op(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    ttl_ms: Option<u64>,
+) -> Result<LeaseResponse, ApiError> {
     principal.check_write()?;
-    let lease_id = parse_lease_id(&id)?;
+    let lease_id = parse_lease_id(id)?;
     let owner_check = principal.owner_filter();
-    let ttl_ms = body.ttl_ms;
     let lease = state
         .engine
         .call(|reply| Command::Renew {
@@ -177,7 +210,7 @@ pub async fn renew(
             reply,
         })
         .await?;
-    Ok(Json(lease_response(&lease, state.engine.clock.now_ms())))
+    Ok(lease_response(&lease, state.engine.clock.now_ms()))
 }
 
 /// Release a lease and all its locks; answers the lease as it was.
@@ -194,8 +227,17 @@ pub async fn release_lease(
     principal: Principal,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
+    release_lease_op(&state, &principal, &id).await.map(Json)
+}
+
+/// `release_lease` without the HTTP extraction.
+pub async fn release_lease_op(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<LeaseResponse, ApiError> {
     principal.check_write()?;
-    let lease_id = parse_lease_id(&id)?;
+    let lease_id = parse_lease_id(id)?;
     let owner_check = principal.owner_filter();
     let lease = state
         .engine
@@ -205,7 +247,7 @@ pub async fn release_lease(
             reply,
         })
         .await?;
-    Ok(Json(lease_response(&lease, state.engine.clock.now_ms())))
+    Ok(lease_response(&lease, state.engine.clock.now_ms()))
 }
 
 /// Release one lock of a lease (decrements a reentrant count; frees the key at zero). The key
@@ -226,8 +268,20 @@ pub async fn release_lock(
     principal: Principal,
     ApiPath((id, key)): ApiPath<(String, String)>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
+    release_lock_op(&state, &principal, &id, key)
+        .await
+        .map(Json)
+}
+
+/// `release_lock` without the HTTP extraction.
+pub async fn release_lock_op(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    key: String,
+) -> Result<LeaseResponse, ApiError> {
     principal.check_write()?;
-    let lease_id = parse_lease_id(&id)?;
+    let lease_id = parse_lease_id(id)?;
     principal.check_keys([key.as_str()])?;
     let owner_check = principal.owner_filter();
     let lease = state
@@ -239,5 +293,5 @@ pub async fn release_lock(
             reply,
         })
         .await?;
-    Ok(Json(lease_response(&lease, state.engine.clock.now_ms())))
+    Ok(lease_response(&lease, state.engine.clock.now_ms()))
 }

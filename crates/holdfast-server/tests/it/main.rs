@@ -10,3 +10,4 @@ mod fifo;
 mod fuzz;
 mod longpoll;
 mod sse;
+mod wire;
