@@ -51,6 +51,7 @@ pub mod guard;
 pub mod idempotency;
 pub mod lock;
 pub mod retry;
+mod wire;
 
 pub use client::{
     Client, ClientBuilder, IdempotencyBegun, SERVER_URL_DEFAULT, default_holder, encode_key,

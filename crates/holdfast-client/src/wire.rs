@@ -1,0 +1,402 @@
+//! The wire-protocol transport (see [`holdfast_api::wire`]): one TCP connection per
+//! [`crate::Client`] (shared by its clones), multiplexed by request id.
+//!
+//! A caller encodes its frame, writes it under the writer lock and awaits its answer on a
+//! oneshot; one reader task per connection routes answers by id. The connection is opened
+//! lazily (with the `hello` handshake) and reopened by the next call after it breaks; calls
+//! in flight when it breaks fail with `Unreachable`.
+//!
+//! Dropping a call's future while it waits marks the request *orphaned* and sends `cancel`:
+//! the server takes it out of the lock's queue. If the grant won the race, its answer still
+//! arrives; the reader then releases what was granted, so an abandoned acquisition never holds
+//! a lock until its TTL.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use holdfast_api::wire::{self, Op};
+use holdfast_api::{ErrorBody, LeaseResponse};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::oneshot;
+
+use crate::error::ClientError;
+
+/// What to release if an orphaned request turns out to have been granted.
+#[derive(Debug, Clone)]
+pub(crate) enum Undo {
+    /// Nothing (not an acquisition).
+    Nothing,
+    /// The new lease in the answer.
+    Lease,
+    /// These keys of the lease (added to an existing lease: one release each).
+    Locks(String, Vec<String>),
+}
+
+/// One answer frame.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+}
+
+enum Waiter {
+    Caller(oneshot::Sender<Answer>, Undo),
+    Orphan(Undo),
+}
+
+#[derive(Default)]
+struct Table {
+    waiters: HashMap<u64, Waiter>,
+    /// Why the connection is unusable, once it is.
+    broken: Option<String>,
+}
+
+struct Conn {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    table: Mutex<Table>,
+    next_id: AtomicU64,
+    addr: String,
+}
+
+impl Conn {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts and
+        // removes), so a poisoned lock is still usable.
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_broken(&self) -> bool {
+        self.table().broken.is_some()
+    }
+
+    /// Mark broken and fail every caller (their senders are dropped).
+    fn break_with(&self, why: String) {
+        let mut t = self.table();
+        if t.broken.is_none() {
+            t.broken = Some(why);
+        }
+        t.waiters.clear();
+    }
+
+    async fn write(&self, frame: &[u8]) -> Result<(), ClientError> {
+        let mut w = self.writer.lock().await;
+        if let Err(e) = w.write_all(frame).await {
+            drop(w);
+            self.break_with(format!("write failed: {e}"));
+            return Err(self.unreachable(&format!("write failed: {e}")));
+        }
+        Ok(())
+    }
+
+    fn unreachable(&self, message: &str) -> ClientError {
+        ClientError::Unreachable {
+            url: format!("holdfast-wire://{}", self.addr),
+            message: message.to_owned(),
+        }
+    }
+
+    /// Send a request nobody awaits (a release of an orphaned grant, a cancel).
+    fn send_detached(self: &Arc<Self>, op: Op, body: Vec<u8>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut t = self.table();
+            if t.broken.is_some() {
+                return;
+            }
+            t.waiters.insert(id, Waiter::Orphan(Undo::Nothing));
+        }
+        let mut frame =
+            Vec::with_capacity(wire::LENGTH_BYTES + wire::REQUEST_HEADER_BYTES + body.len());
+        wire::encode_request(&mut frame, id, op, &body);
+        let conn = Arc::clone(self);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = conn.write(&frame).await;
+            });
+        }
+    }
+
+    /// An orphaned acquisition was granted: give it back.
+    fn release_orphan(self: &Arc<Self>, undo: &Undo, body: &[u8]) {
+        match undo {
+            Undo::Nothing => {}
+            Undo::Lease => {
+                if let Ok(lease) = serde_json::from_slice::<LeaseResponse>(body)
+                    && let Ok(json) = serde_json::to_vec(&wire::LeaseRef {
+                        lease_id: lease.lease_id,
+                    })
+                {
+                    tracing::debug!("releasing the lease of an abandoned acquisition");
+                    self.send_detached(Op::ReleaseLease, json);
+                }
+            }
+            Undo::Locks(lease_id, keys) => {
+                for key in keys {
+                    if let Ok(json) = serde_json::to_vec(&wire::ReleaseLock {
+                        lease_id: lease_id.clone(),
+                        key: key.clone(),
+                    }) {
+                        self.send_detached(Op::ReleaseLock, json);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads answers and routes them to their callers until the connection ends.
+async fn read_answers(conn: Arc<Conn>, mut read: OwnedReadHalf) {
+    let why = loop {
+        let payload = match read_frame(&mut read).await {
+            Ok(p) => p,
+            Err(e) => break e,
+        };
+        let parts = match wire::parse_response(&payload) {
+            Ok(p) => p,
+            Err(e) => break e,
+        };
+        let waiter = conn.table().waiters.remove(&parts.id);
+        let answer = Answer {
+            status: parts.status,
+            body: parts.body.to_vec(),
+        };
+        match waiter {
+            Some(Waiter::Caller(tx, undo)) => {
+                if let Err(answer) = tx.send(answer)
+                    && answer.status == 200
+                {
+                    conn.release_orphan(&undo, &answer.body);
+                }
+            }
+            Some(Waiter::Orphan(undo)) if answer.status == 200 => {
+                conn.release_orphan(&undo, &answer.body);
+            }
+            Some(Waiter::Orphan(_)) => {}
+            None if parts.id == 0 && answer.status != 200 => {
+                // A connection-level refusal (e.g. too many connections).
+                let body = serde_json::from_slice::<ErrorBody>(&answer.body).ok();
+                break body.map_or_else(
+                    || format!("server closed the connection (status {})", answer.status),
+                    |b| b.message,
+                );
+            }
+            None => {}
+        }
+    };
+    conn.break_with(why);
+}
+
+async fn read_frame(read: &mut OwnedReadHalf) -> Result<Vec<u8>, String> {
+    let mut len = [0u8; wire::LENGTH_BYTES];
+    read.read_exact(&mut len)
+        .await
+        .map_err(|e| format!("connection closed: {e}"))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > wire::FRAME_BYTES_MAX {
+        return Err(format!("answer frame of {len} bytes is over the limit"));
+    }
+    let mut payload = vec![0u8; len];
+    read.read_exact(&mut payload)
+        .await
+        .map_err(|e| format!("connection closed mid-frame: {e}"))?;
+    Ok(payload)
+}
+
+/// Turns an unanswered call into an orphan (and cancels a wait) if its future is dropped.
+struct OrphanOnDrop<'a> {
+    conn: &'a Arc<Conn>,
+    id: u64,
+    cancel: bool,
+    armed: bool,
+}
+
+impl Drop for OrphanOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let was_waiting = {
+            let mut t = self.conn.table();
+            match t.waiters.remove(&self.id) {
+                Some(Waiter::Caller(_, undo)) => {
+                    t.waiters.insert(self.id, Waiter::Orphan(undo));
+                    true
+                }
+                other => {
+                    if let Some(w) = other {
+                        t.waiters.insert(self.id, w);
+                    }
+                    false
+                }
+            }
+        };
+        if was_waiting
+            && self.cancel
+            && let Ok(json) = serde_json::to_vec(&wire::Cancel { id: self.id })
+        {
+            self.conn.send_detached(Op::Cancel, json);
+        }
+    }
+}
+
+/// The transport of one [`crate::Client`].
+pub(crate) struct Wire {
+    addr: String,
+    token: Option<String>,
+    connect_timeout: Duration,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+}
+
+impl std::fmt::Debug for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wire")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Wire {
+    pub(crate) fn new(addr: String, token: Option<String>, connect_timeout: Duration) -> Self {
+        Self {
+            addr,
+            token,
+            connect_timeout,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn unreachable(&self, message: impl Into<String>) -> ClientError {
+        ClientError::Unreachable {
+            url: format!("holdfast-wire://{}", self.addr),
+            message: message.into(),
+        }
+    }
+
+    async fn connection(&self) -> Result<Arc<Conn>, ClientError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref()
+            && !c.is_broken()
+        {
+            return Ok(Arc::clone(c));
+        }
+        let conn = self.connect().await?;
+        *slot = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    async fn connect(&self) -> Result<Arc<Conn>, ClientError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| self.unreachable("cannot connect: timed out"))?
+            .map_err(|e| self.unreachable(format!("cannot connect: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let (mut read, mut write) = stream.into_split();
+        let hello = serde_json::to_vec(&wire::Hello {
+            protocol: wire::PROTOCOL_VERSION,
+            token: self.token.clone(),
+        })
+        .map_err(|e| self.unreachable(e.to_string()))?;
+        let mut frame = Vec::new();
+        wire::encode_request(&mut frame, 0, Op::Hello, &hello);
+        let handshake = async {
+            write
+                .write_all(&frame)
+                .await
+                .map_err(|e| self.unreachable(format!("hello failed: {e}")))?;
+            let payload = read_frame(&mut read)
+                .await
+                .map_err(|e| self.unreachable(format!("hello failed: {e}")))?;
+            let parts = wire::parse_response(&payload).map_err(|e| self.unreachable(e))?;
+            if parts.status != 200 {
+                return Err(error_answer(parts.status, parts.body));
+            }
+            Ok(())
+        };
+        tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| self.unreachable("no answer to hello in time"))??;
+        let conn = Arc::new(Conn {
+            writer: tokio::sync::Mutex::new(write),
+            table: Mutex::new(Table::default()),
+            next_id: AtomicU64::new(1),
+            addr: self.addr.clone(),
+        });
+        tokio::spawn(read_answers(Arc::clone(&conn), read));
+        Ok(conn)
+    }
+
+    /// One request: `timeout` bounds the whole call (the caller adds any server-side wait).
+    pub(crate) async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        op: Op,
+        body: &B,
+        undo: Undo,
+        waits: bool,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let json = serde_json::to_vec(body).map_err(|e| ClientError::Invalid {
+            field: None,
+            message: e.to_string(),
+        })?;
+        let conn = self.connection().await?;
+        let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut t = conn.table();
+            if let Some(why) = &t.broken {
+                return Err(conn.unreachable(why));
+            }
+            t.waiters.insert(id, Waiter::Caller(tx, undo));
+        }
+        let mut guard = OrphanOnDrop {
+            conn: &conn,
+            id,
+            cancel: waits,
+            armed: true,
+        };
+        let mut frame =
+            Vec::with_capacity(wire::LENGTH_BYTES + wire::REQUEST_HEADER_BYTES + json.len());
+        wire::encode_request(&mut frame, id, op, &json);
+        conn.write(&frame).await?;
+        let answer = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => {
+                guard.armed = false;
+                let why = conn
+                    .table()
+                    .broken
+                    .clone()
+                    .unwrap_or_else(|| "connection closed".to_owned());
+                return Err(conn.unreachable(&why));
+            }
+            // The guard orphans the request (and cancels a wait) as it drops.
+            Err(_) => return Err(conn.unreachable("no answer in time")),
+        };
+        guard.armed = false;
+        if answer.status != 200 {
+            return Err(error_answer(answer.status, &answer.body));
+        }
+        serde_json::from_slice(&answer.body).map_err(|e| ClientError::Server {
+            status: answer.status,
+            code: None,
+            message: format!("unreadable answer from holdfast-wire://{}: {e}", self.addr),
+        })
+    }
+}
+
+fn error_answer(status: u16, body: &[u8]) -> ClientError {
+    let raw = String::from_utf8_lossy(body);
+    let parsed = serde_json::from_slice::<ErrorBody>(body).ok();
+    ClientError::from_response(status, parsed, &raw, None)
+}
