@@ -89,10 +89,14 @@ struct Args {
     /// used where no flag or environment variable is given.
     #[arg(long, default_value = "/tmp/holdfast-bench-peers/peers.env")]
     peers_env: PathBuf,
-    /// How to drive holdfast: `client` (holdfast-client, as applications do) or `http` (bare
-    /// requests, to see what the client itself costs).
-    #[arg(long, value_enum, default_value = "client")]
+    /// How to drive holdfast: `wire` (holdfast-client over the wire protocol, the fast path),
+    /// `client` (holdfast-client over HTTP only) or `http` (bare HTTP requests, to see what the
+    /// client itself costs).
+    #[arg(long, value_enum, default_value = "wire")]
     holdfast_transport: HoldfastTransport,
+    /// The wire-protocol address of the server given by --holdfast-url [default: its port + 1].
+    #[arg(long)]
+    holdfast_wire: Option<String>,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -172,13 +176,15 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
 
 async fn smoke(args: Args) -> anyhow::Result<std::process::ExitCode> {
     let report = if let Some(url) = &args.holdfast_url {
-        holdfast_bench::smoke::smoke(url).await?
+        let wire = args.holdfast_wire.clone().or_else(|| wire_beside(url));
+        holdfast_bench::smoke::smoke(url, wire.as_deref()).await?
     } else {
         // An in-process server in memory mode: the smoke run needs no built `holdfast` binary.
         let server = holdfast_server::start(holdfast_server::ServerConfig::ephemeral_memory())
             .await
             .context("start an in-process holdfast server")?;
-        let report = holdfast_bench::smoke::smoke(&server.base_url()).await;
+        let wire = server.wire_addr.map(|a| a.to_string());
+        let report = holdfast_bench::smoke::smoke(&server.base_url(), wire.as_deref()).await;
         server.shutdown().await;
         report?
     };
@@ -237,7 +243,10 @@ async fn full(args: Args) -> anyhow::Result<std::process::ExitCode> {
             "http://127.0.0.1:2389",
         ),
         holdfast: match &args.holdfast_url {
-            Some(url) => HoldfastTarget::External(url.clone()),
+            Some(url) => HoldfastTarget::External {
+                url: url.clone(),
+                wire: args.holdfast_wire.clone().or_else(|| wire_beside(url)),
+            },
             None => HoldfastTarget::Spawn(
                 args.holdfast_bin
                     .clone()
@@ -266,9 +275,26 @@ fn write_json(
     Ok(())
 }
 
+/// `http://HOST:PORT` → `HOST:PORT+1`, the server's default wire address.
+fn wire_beside(url: &str) -> Option<String> {
+    let rest = url.split("://").nth(1)?.trim_end_matches('/');
+    let (host, port) = rest.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    Some(format!("{host}:{}", port.checked_add(1)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_wire_address_is_the_next_port() {
+        assert_eq!(
+            super::wire_beside("http://127.0.0.1:7390/").as_deref(),
+            Some("127.0.0.1:7391")
+        );
+        assert_eq!(super::wire_beside("127.0.0.1"), None);
+    }
 
     #[test]
     fn durations() {

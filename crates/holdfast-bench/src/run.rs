@@ -76,7 +76,10 @@ impl SystemId {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum HoldfastTransport {
-    /// `holdfast-client` (guards with background renewal): what an application uses.
+    /// `holdfast-client` over the wire protocol (`ClientBuilder::wire`): what an application
+    /// that wants speed uses.
+    Wire,
+    /// `holdfast-client` over HTTP only (guards with background renewal).
     Client,
     /// Bare HTTP/JSON requests with reqwest (one request per acquire and per release).
     Http,
@@ -87,14 +90,15 @@ impl HoldfastTransport {
     #[must_use]
     pub fn describe(self) -> &'static str {
         match self {
+            HoldfastTransport::Wire => "holdfast-client over the wire protocol (framed TCP + JSON)",
             HoldfastTransport::Client => "holdfast-client (HTTP/1.1 + JSON)",
             HoldfastTransport::Http => "bare HTTP/1.1 + JSON requests (reqwest)",
         }
     }
 }
 
-/// Builds the holdfast adapter for a server: (table name, base URL, durability).
-type MakeHoldfast<S> = fn(&str, &str, Durability) -> S;
+/// Builds the holdfast adapter for a server: (table name, base URL, wire address, durability).
+type MakeHoldfast<S> = fn(&str, &str, Option<&str>, Durability) -> S;
 
 /// Which server the holdfast rows measure.
 #[derive(Clone, Debug)]
@@ -103,7 +107,12 @@ pub enum HoldfastTarget {
     Spawn(PathBuf),
     /// An already running server (its durability is whatever it was started with; memory
     /// figures need its PID, so W3 reports none, and W4 cannot restart it).
-    External(String),
+    External {
+        /// `http://HOST:PORT`.
+        url: String,
+        /// Its wire-protocol address, if it has one.
+        wire: Option<String>,
+    },
 }
 
 /// Everything a run needs.
@@ -566,6 +575,16 @@ async fn run_holdfast(id: SystemId, config: &Config, rows: &mut Vec<Row>, notes:
         holdfast_client::HoldfastClientSystem, holdfast_http::HoldfastHttpSystem,
     };
     match config.holdfast_transport {
+        HoldfastTransport::Wire => {
+            run_holdfast_with::<HoldfastClientSystem>(
+                id,
+                config,
+                rows,
+                notes,
+                HoldfastClientSystem::with_wire,
+            )
+            .await;
+        }
         HoldfastTransport::Client => {
             run_holdfast_with::<HoldfastClientSystem>(
                 id,
@@ -607,9 +626,9 @@ async fn run_holdfast_with<S: LockSystem>(
         .filter(|w| matches!(w, Workload::W1 | Workload::W2))
         .collect();
     match &config.holdfast {
-        HoldfastTarget::External(url) => {
+        HoldfastTarget::External { url, wire } => {
             notes.push(format!("{name}: measured against the running server at {url} (its durability is whatever it was started with)"));
-            let system = make(name, url, durability);
+            let system = make(name, url, wire.as_deref(), durability);
             let workloads: Vec<Workload> = config
                 .workloads
                 .iter()
@@ -624,7 +643,12 @@ async fn run_holdfast_with<S: LockSystem>(
             if !w12.is_empty() {
                 match spawn_holdfast(bin, mode, config) {
                     Ok((mut server, _dir)) => {
-                        let system = make(name, &server.base_url, durability);
+                        let system = make(
+                            name,
+                            &server.base_url,
+                            server.wire_addr.as_deref(),
+                            durability,
+                        );
                         run_system(&system, Some(server.pid()), config, &w12, rows).await;
                         server.stop(Duration::from_secs(10));
                     }
@@ -640,7 +664,12 @@ async fn run_holdfast_with<S: LockSystem>(
             if config.workloads.contains(&Workload::W3) {
                 match spawn_holdfast(bin, mode, config) {
                     Ok((mut server, _dir)) => {
-                        let system = make(name, &server.base_url, durability);
+                        let system = make(
+                            name,
+                            &server.base_url,
+                            server.wire_addr.as_deref(),
+                            durability,
+                        );
                         run_system(&system, Some(server.pid()), config, &[Workload::W3], rows)
                             .await;
                         server.stop(Duration::from_secs(10));
@@ -684,7 +713,12 @@ async fn recovery<S: LockSystem>(
     make: MakeHoldfast<S>,
 ) -> anyhow::Result<RecoveryResult> {
     let (mut server, dir) = spawn_holdfast(bin, "sync", config)?;
-    let system = make("holdfast-sync", &server.base_url, Durability::GroupCommit);
+    let system = make(
+        "holdfast-sync",
+        &server.base_url,
+        server.wire_addr.as_deref(),
+        Durability::GroupCommit,
+    );
     let (held, took) = acquire_with(&system, config.w4_clients, config.w4_locks).await?;
     let rss_kib_before_kill = mem_sample(server.pid()).map(|sample| sample.rss_kib);
     // Kill, then forget the grants without releasing them.

@@ -17,6 +17,8 @@ pub struct ServerProcess {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base_url: String,
+    /// `127.0.0.1:PORT` of the wire protocol, if the server printed one.
+    pub wire_addr: Option<String>,
     /// Time from spawn to the `listening on` line.
     pub to_listening: Duration,
     /// When it was spawned.
@@ -61,20 +63,30 @@ impl ServerProcess {
         let stdout = child.stdout.take().context("server stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut sent = false;
-            // Keep draining after the first line so the server never blocks on a full pipe.
+            let mut base_url = None;
+            // Keep draining after the first lines so the server never blocks on a full pipe.
+            // `listening on URL` is followed at once by `wire protocol on ADDR` when enabled.
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if !sent && let Some(url) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(url.trim().to_owned());
-                    sent = true;
+                if let Some(url) = line.split("listening on ").nth(1) {
+                    base_url = Some(url.trim().to_owned());
+                } else if let Some(addr) = line.split("wire protocol on ").nth(1)
+                    && let Some(url) = base_url.take()
+                {
+                    let _ = tx.send((url, Some(addr.trim().to_owned())));
+                } else if let Some(url) = base_url.take() {
+                    let _ = tx.send((url, None));
                 }
+            }
+            if let Some(url) = base_url.take() {
+                let _ = tx.send((url, None));
             }
         });
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok(base_url) => Ok(Self {
+            Ok((base_url, wire_addr)) => Ok(Self {
                 child,
                 base_url,
+                wire_addr,
                 to_listening: spawned_at.elapsed(),
                 spawned_at,
             }),

@@ -8,9 +8,10 @@ use crate::report::{Metrics, Row, Workload};
 use crate::run::{Config, HoldfastTarget, HoldfastTransport, SystemId};
 use crate::workload::Timing;
 
-/// The configuration of a smoke run against the server at `base_url`.
+/// The configuration of a smoke run against the server at `base_url` (over the wire protocol
+/// when `wire` is given, else over HTTP).
 #[must_use]
-pub fn smoke_config(base_url: &str) -> Config {
+pub fn smoke_config(base_url: &str, wire: Option<&str>) -> Config {
     Config {
         systems: vec![SystemId::HoldfastMemory],
         workloads: vec![Workload::W1, Workload::W2, Workload::W3],
@@ -29,16 +30,23 @@ pub fn smoke_config(base_url: &str) -> Config {
         postgres_url: String::new(),
         mysql_url: String::new(),
         etcd_endpoint: String::new(),
-        holdfast: HoldfastTarget::External(base_url.to_owned()),
-        holdfast_transport: HoldfastTransport::Client,
+        holdfast: HoldfastTarget::External {
+            url: base_url.to_owned(),
+            wire: wire.map(str::to_owned),
+        },
+        holdfast_transport: if wire.is_some() {
+            HoldfastTransport::Wire
+        } else {
+            HoldfastTransport::Client
+        },
         command: "holdfast-bench --smoke".to_owned(),
         notes: vec!["smoke run: figures are not benchmarks".to_owned()],
     }
 }
 
 /// Runs the smoke workloads against `base_url` and checks that every row ran and is sane.
-pub async fn smoke(base_url: &str) -> anyhow::Result<crate::report::Report> {
-    let report = crate::run::run(smoke_config(base_url)).await?;
+pub async fn smoke(base_url: &str, wire: Option<&str>) -> anyhow::Result<crate::report::Report> {
+    let report = crate::run::run(smoke_config(base_url, wire)).await?;
     check(&report.rows)?;
     Ok(report)
 }

@@ -1,5 +1,6 @@
 //! `holdfast-bench --smoke` in CI: every holdfast workload path of the benchmark, briefly,
-//! against an in-process memory server, through `holdfast-client` and through bare HTTP. Also
+//! against an in-process memory server, through `holdfast-client` (wire protocol and HTTP) and
+//! through bare HTTP. Also
 //! the adapter smoke test (acquire, conflict, handoff, release) for both holdfast adapters.
 
 use std::time::Duration;
@@ -10,21 +11,31 @@ use holdfast_bench::run::HoldfastTransport;
 use holdfast_server::{ServerConfig, start};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smoke_run_through_the_client() -> anyhow::Result<()> {
+async fn smoke_run_through_the_client_over_the_wire() -> anyhow::Result<()> {
     let server = start(ServerConfig::ephemeral_memory()).await?;
-    let report = holdfast_bench::smoke::smoke(&server.base_url()).await;
+    let wire = server.wire_addr.map(|a| a.to_string());
+    let report = holdfast_bench::smoke::smoke(&server.base_url(), wire.as_deref()).await;
     server.shutdown().await;
     let report = report?;
     let markdown = report.to_markdown();
     assert!(markdown.contains("W1 uncontended"), "{markdown}");
     assert!(markdown.contains("holdfast-memory"), "{markdown}");
+    assert!(markdown.contains("wire protocol"), "{markdown}");
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_run_through_the_client_over_http() -> anyhow::Result<()> {
+    let server = start(ServerConfig::ephemeral_memory()).await?;
+    let report = holdfast_bench::smoke::smoke(&server.base_url(), None).await;
+    server.shutdown().await;
+    holdfast_bench::smoke::check(&report?.rows)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_run_over_bare_http() -> anyhow::Result<()> {
     let server = start(ServerConfig::ephemeral_memory()).await?;
-    let mut config = holdfast_bench::smoke::smoke_config(&server.base_url());
+    let mut config = holdfast_bench::smoke::smoke_config(&server.base_url(), None);
     config.holdfast_transport = HoldfastTransport::Http;
     let report = holdfast_bench::run::run(config).await;
     server.shutdown().await;
@@ -70,18 +81,30 @@ async fn exercise<S: LockSystem>(system: &S) -> anyhow::Result<()> {
 async fn holdfast_adapters() -> anyhow::Result<()> {
     let server = start(ServerConfig::ephemeral_memory()).await?;
     let url = server.base_url();
+    let wire = server.wire_addr.map(|a| a.to_string());
     let client = holdfast_bench::adapters::holdfast_client::HoldfastClientSystem::new(
         "holdfast-memory",
         &url,
+        None,
+        Durability::MemoryOnly,
+    );
+    let wired = holdfast_bench::adapters::holdfast_client::HoldfastClientSystem::with_wire(
+        "holdfast-memory",
+        &url,
+        wire.as_deref(),
         Durability::MemoryOnly,
     );
     let http = holdfast_bench::adapters::holdfast_http::HoldfastHttpSystem::new(
         "holdfast-memory",
         &url,
+        None,
         Durability::MemoryOnly,
     );
     let outcome = async {
         exercise(&client).await.context("holdfast-client adapter")?;
+        exercise(&wired)
+            .await
+            .context("holdfast-client wire adapter")?;
         exercise(&http).await.context("bare HTTP adapter")
     }
     .await;

@@ -330,6 +330,27 @@ impl Client {
         self.inner.request_timeout + wait
     }
 
+    /// Open the connections now (an HTTP health check, and the wire handshake when the wire
+    /// protocol is used), so that the first real call does not pay for connecting.
+    ///
+    /// # Errors
+    /// `Unreachable` and what the handshake answers (`Unauthorized` for a bad token).
+    pub async fn connect(&self) -> Result<(), ClientError> {
+        self.health().await?;
+        if let Some(w) = &self.inner.wire {
+            let _: serde_json::Value = w
+                .call(
+                    Op::Ping,
+                    &serde_json::json!({}),
+                    Undo::Nothing,
+                    false,
+                    self.timeout(Duration::ZERO),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     /// The wire-protocol address, if this client uses it.
     #[must_use]
     pub fn wire_addr(&self) -> Option<&str> {

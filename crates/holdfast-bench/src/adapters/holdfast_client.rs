@@ -14,6 +14,8 @@ use crate::adapter::{Durability, LOCK_TTL, LockConn, LockSystem};
 pub struct HoldfastClientSystem {
     name: String,
     base_url: String,
+    /// `Some` = speak the wire protocol for leases; `Some(None)` = asked for but unknown.
+    wire: Option<Option<String>>,
     durability: Durability,
 }
 
@@ -21,11 +23,26 @@ impl HoldfastClientSystem {
     /// Reaches the server at `base_url` (`http://127.0.0.1:PORT`); `name` is the table label
     /// (`holdfast-sync`, ...), `durability` the mode it was started in.
     #[must_use]
-    pub fn new(name: &str, base_url: &str, durability: Durability) -> Self {
+    pub fn new(name: &str, base_url: &str, _wire: Option<&str>, durability: Durability) -> Self {
         Self {
             name: name.to_owned(),
             base_url: base_url.trim_end_matches('/').to_owned(),
+            wire: None,
             durability,
+        }
+    }
+
+    /// Like [`HoldfastClientSystem::new`], but leases go over the wire protocol at `wire`.
+    #[must_use]
+    pub fn with_wire(
+        name: &str,
+        base_url: &str,
+        wire: Option<&str>,
+        durability: Durability,
+    ) -> Self {
+        Self {
+            wire: Some(wire.map(str::to_owned)),
+            ..Self::new(name, base_url, None, durability)
         }
     }
 }
@@ -45,15 +62,24 @@ impl LockSystem for HoldfastClientSystem {
         // One `Client` per benchmark client: its own connection pool, used by one request at
         // a time, so one connection.
         let holder = format!("bench-{:08x}", rand::random::<u32>());
+        let wire = match &self.wire {
+            None => None,
+            Some(Some(addr)) => Some(addr.clone()),
+            Some(None) => anyhow::bail!(
+                "{}: the wire transport was asked for but the server announced no wire address",
+                self.name
+            ),
+        };
         let client = Client::builder()
             .base_url(&self.base_url)
+            .wire_opt(wire)
             .holder(&holder)
             .connect_timeout(Duration::from_secs(5))
             .request_timeout(Duration::from_secs(10))
             .build()
             .context("build holdfast client")?;
         // Open the connection now so that connecting is not part of the first measured pair.
-        client.health().await.context("connect to holdfast")?;
+        client.connect().await.context("connect to holdfast")?;
         Ok(HoldfastClientConn { client })
     }
 }

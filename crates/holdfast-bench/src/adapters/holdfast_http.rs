@@ -26,7 +26,7 @@ impl HoldfastHttpSystem {
     /// Reaches the server at `base_url` (`http://127.0.0.1:PORT`); `name` is the table label
     /// (`holdfast-sync`, ...), `durability` the mode it was started in.
     #[must_use]
-    pub fn new(name: &str, base_url: &str, durability: Durability) -> Self {
+    pub fn new(name: &str, base_url: &str, _wire: Option<&str>, durability: Durability) -> Self {
         Self {
             name: name.to_owned(),
             base_url: base_url.trim_end_matches('/').to_owned(),
