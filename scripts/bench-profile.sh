@@ -3,6 +3,7 @@
 # 64 clients): where does the time go: HTTP, JSON, the engine, the store, allocation, the kernel?
 #
 #   bash scripts/bench-profile.sh [memory|async|sync] [seconds]
+#   TRANSPORT=client bash scripts/bench-profile.sh   # holdfast-client over HTTP (default: wire)
 #
 # Needs `perf` (Debian package linux-perf) and the release binaries
 # (cargo build --release -p holdfast -p holdfast-bench). Prints the top symbols and a summary
@@ -23,10 +24,13 @@ server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 1 100); do grep -q "listening on" "$data/stdout" 2>/dev/null && break; sleep 0.1; done
 url=$(sed -n 's/.*listening on \(http[^ ]*\).*/\1/p' "$data/stdout" | head -1)
-echo "profiling holdfast ($mode, pid $server) at $url for ${seconds}s"
+wire=$(sed -n 's/.*wire protocol on \([^ ]*\).*/\1/p' "$data/stdout" | head -1)
+transport=${TRANSPORT:-wire}
+echo "profiling holdfast ($mode, pid $server) at $url (wire $wire) over $transport for ${seconds}s"
 
 "$bin/holdfast-bench" --systems "holdfast-$mode" --workloads w1 --w1-clients 64 \
-  --warmup 1s --duration "$((seconds + 2))s" --holdfast-url "$url" >"$out/bench.md" 2>/dev/null &
+  --warmup 1s --duration "$((seconds + 2))s" --holdfast-url "$url" --holdfast-wire "$wire" \
+  --holdfast-transport "$transport" >"$out/bench.md" 2>/dev/null &
 bench=$!
 sleep 1.5
 # The server and the benchmark's clients (holdfast-client over reqwest), side by side.

@@ -20,7 +20,7 @@ use holdfast_api::wire::{self, Op};
 use holdfast_api::{ErrorBody, LeaseResponse};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
@@ -152,7 +152,9 @@ impl Conn {
 }
 
 /// Reads answers and routes them to their callers until the connection ends.
-async fn read_answers(conn: Arc<Conn>, mut read: OwnedReadHalf) {
+async fn read_answers(conn: Arc<Conn>, read: OwnedReadHalf) {
+    // Buffered: a whole frame (and often several) in one read system call.
+    let mut read = tokio::io::BufReader::with_capacity(16 * 1024, read);
     let why = loop {
         let payload = match read_frame(&mut read).await {
             Ok(p) => p,
@@ -193,7 +195,7 @@ async fn read_answers(conn: Arc<Conn>, mut read: OwnedReadHalf) {
     conn.break_with(why);
 }
 
-async fn read_frame(read: &mut OwnedReadHalf) -> Result<Vec<u8>, String> {
+async fn read_frame<R: AsyncRead + Unpin>(read: &mut R) -> Result<Vec<u8>, String> {
     let mut len = [0u8; wire::LENGTH_BYTES];
     read.read_exact(&mut len)
         .await

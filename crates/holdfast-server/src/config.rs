@@ -109,6 +109,10 @@ pub struct ServeArgs {
     /// is printed on stdout as `wire protocol on ADDR`.
     #[arg(long, env = "HOLDFAST_WIRE_LISTEN")]
     pub wire_listen: Option<String>,
+    /// Threads serving connections (HTTP and wire) [default: CPUs - 1, at least 1: the engine
+    /// host thread, which makes every lock decision, keeps a core of its own].
+    #[arg(long, env = "HOLDFAST_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Directory of the embedded database [default: ./holdfast-data].
     #[arg(long, env = "HOLDFAST_DATA_DIR")]
     pub data_dir: Option<PathBuf>,

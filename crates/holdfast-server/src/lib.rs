@@ -366,7 +366,17 @@ fn init_tracing() {
 pub fn serve_blocking(args: ServeArgs) -> Result<(), ServeError> {
     init_tracing();
     let config = ServerConfig::from_args(&args)?;
+    let workers = match args.worker_threads {
+        Some(0) => {
+            return Err(ServeError::Config(
+                "--worker-threads must be at least 1".to_owned(),
+            ));
+        }
+        Some(n) => n,
+        None => default_worker_threads(),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
@@ -385,6 +395,16 @@ pub fn serve_blocking(args: ServeArgs) -> Result<(), ServeError> {
         server.shutdown().await;
         Ok(())
     })
+}
+
+/// One thread fewer than the CPUs, at least one: the engine host thread, through which every
+/// request passes, keeps a core of its own. On a 2-CPU machine a second connection thread only
+/// added cross-thread wake-ups (W1 in docs/benchmarks.md: 1 thread served ~20 % more pairs/s).
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .saturating_sub(1)
+        .max(1)
 }
 
 async fn wait_for_signal() {
