@@ -253,7 +253,10 @@ pub(crate) struct Wire {
     addr: String,
     token: Option<String>,
     connect_timeout: Duration,
-    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// The open connection, read without waiting on every call.
+    current: Mutex<Option<Arc<Conn>>>,
+    /// Held while (re)connecting, so that concurrent callers open one connection, not many.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Wire {
@@ -270,7 +273,8 @@ impl Wire {
             addr,
             token,
             connect_timeout,
-            conn: tokio::sync::Mutex::new(None),
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -285,15 +289,28 @@ impl Wire {
         }
     }
 
+    fn usable(&self) -> Option<Arc<Conn>> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .filter(|c| !c.is_broken())
+            .cloned()
+    }
+
     async fn connection(&self) -> Result<Arc<Conn>, ClientError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref()
-            && !c.is_broken()
-        {
-            return Ok(Arc::clone(c));
+        if let Some(c) = self.usable() {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = self.usable() {
+            return Ok(c);
         }
         let conn = self.connect().await?;
-        *slot = Some(Arc::clone(&conn));
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&conn));
         Ok(conn)
     }
 

@@ -87,6 +87,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: watch:
     while connections.join_next().await.is_some() {}
 }
 
+/// The counter of successful requests, looked up once (the hot path).
+fn ok_counter() -> &'static metrics::Counter {
+    static OK: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    OK.get_or_init(|| metrics::counter!(WIRE_REQUESTS, "status" => "200"))
+}
+
 /// Resolves once shutdown has begun (or the sender is gone).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
@@ -113,7 +119,8 @@ struct Connection {
     stream: TcpStream,
     state: Arc<AppState>,
     shutdown: watch::Receiver<bool>,
-    principal: Option<Principal>,
+    /// Set by hello; shared by the connection's requests.
+    principal: Option<Arc<Principal>>,
     /// Unparsed input; `start` is where the next frame begins.
     input: Vec<u8>,
     start: usize,
@@ -203,7 +210,7 @@ impl Connection {
         match result {
             Ok(body) => {
                 wire::encode_response(&mut self.output, id, 200, &body);
-                metrics::counter!(WIRE_REQUESTS, "status" => "200").increment(1);
+                ok_counter().increment(1);
             }
             Err(e) => self.encode_error(id, &e),
         }
@@ -257,8 +264,10 @@ impl Connection {
             let frame_start = self.start + wire::LENGTH_BYTES;
             let frame_end = frame_start + len;
             self.start = frame_end;
-            let payload = self.input[frame_start..frame_end].to_vec();
-            self.request(&payload);
+            // Take the buffer out for the duration of the call: `request` needs `&mut self`.
+            let input = std::mem::take(&mut self.input);
+            self.request(&input[frame_start..frame_end]);
+            self.input = input;
         }
     }
 
@@ -339,7 +348,7 @@ impl Connection {
         &mut self,
         op: Op,
         body: &[u8],
-        principal: Principal,
+        principal: Arc<Principal>,
     ) -> Result<Option<(Work, bool)>, ApiError> {
         let state = Arc::clone(&self.state);
         let work: (Work, bool) = match op {
@@ -425,7 +434,7 @@ impl Connection {
             .state
             .auth
             .authenticate_secret(hello.token.as_deref())?;
-        self.principal = Some(principal);
+        self.principal = Some(Arc::new(principal));
         json(&wire::HelloOk {
             protocol: wire::PROTOCOL_VERSION,
             server: format!("holdfast {}", env!("CARGO_PKG_VERSION")),
