@@ -98,6 +98,10 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
+async fn stopped_owned(mut rx: watch::Receiver<bool>) {
+    stopped(&mut rx).await;
+}
+
 /// Over the connection limit: say so (id 0) and close.
 async fn refuse(mut stream: TcpStream, max: usize) {
     let mut out = Vec::new();
@@ -159,6 +163,9 @@ impl Connection {
     }
 
     async fn run(mut self) -> std::io::Result<()> {
+        // One shutdown future for the connection's life (a new one per loop turn would
+        // register and drop a waiter on the watch channel for every request).
+        let mut stop = std::pin::pin!(stopped_owned(self.shutdown.clone()));
         loop {
             self.parse_frames();
             self.collect_ready();
@@ -185,7 +192,7 @@ impl Connection {
             let event = tokio::select! {
                 read = self.stream.read_buf(&mut self.input) => Event::Read(read?),
                 Some(answer) = self.pending.next(), if has_pending => Event::Answer(answer),
-                () = stopped(&mut self.shutdown) => Event::Shutdown,
+                () = &mut stop, if !self.closing => Event::Shutdown,
             };
             match event {
                 // The peer closed: drop what is pending (queued requests leave their queues;
