@@ -38,10 +38,16 @@ pub(crate) enum Undo {
     Locks(String, Vec<String>),
 }
 
-/// One answer frame.
+/// One answer frame: the whole payload, whose body starts after the header (no copy).
 struct Answer {
     status: u16,
-    body: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+impl Answer {
+    fn body(&self) -> &[u8] {
+        &self.payload[wire::RESPONSE_HEADER_BYTES..]
+    }
 }
 
 enum Waiter {
@@ -160,30 +166,27 @@ async fn read_answers(conn: Arc<Conn>, read: OwnedReadHalf) {
             Ok(p) => p,
             Err(e) => break e,
         };
-        let parts = match wire::parse_response(&payload) {
-            Ok(p) => p,
+        let (id, status) = match wire::parse_response(&payload) {
+            Ok(p) => (p.id, p.status),
             Err(e) => break e,
         };
-        let waiter = conn.table().waiters.remove(&parts.id);
-        let answer = Answer {
-            status: parts.status,
-            body: parts.body.to_vec(),
-        };
+        let waiter = conn.table().waiters.remove(&id);
+        let answer = Answer { status, payload };
         match waiter {
             Some(Waiter::Caller(tx, undo)) => {
                 if let Err(answer) = tx.send(answer)
                     && answer.status == 200
                 {
-                    conn.release_orphan(&undo, &answer.body);
+                    conn.release_orphan(&undo, answer.body());
                 }
             }
             Some(Waiter::Orphan(undo)) if answer.status == 200 => {
-                conn.release_orphan(&undo, &answer.body);
+                conn.release_orphan(&undo, answer.body());
             }
             Some(Waiter::Orphan(_)) => {}
-            None if parts.id == 0 && answer.status != 200 => {
+            None if id == 0 && answer.status != 200 => {
                 // A connection-level refusal (e.g. too many connections).
-                let body = serde_json::from_slice::<ErrorBody>(&answer.body).ok();
+                let body = serde_json::from_slice::<ErrorBody>(answer.body()).ok();
                 break body.map_or_else(
                     || format!("server closed the connection (status {})", answer.status),
                     |b| b.message,
@@ -404,9 +407,9 @@ impl Wire {
         };
         guard.armed = false;
         if answer.status != 200 {
-            return Err(error_answer(answer.status, &answer.body));
+            return Err(error_answer(answer.status, answer.body()));
         }
-        serde_json::from_slice(&answer.body).map_err(|e| ClientError::Server {
+        serde_json::from_slice(answer.body()).map_err(|e| ClientError::Server {
             status: answer.status,
             code: None,
             message: format!("unreadable answer from holdfast-wire://{}: {e}", self.addr),

@@ -53,6 +53,8 @@ impl ServerProcess {
             .arg(std::env::var("HOLDFAST_CRASH_DURABILITY").unwrap_or_else(|_| "sync".into()))
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            // The clients here speak HTTP; the default wire port (port + 1) might be taken.
+            .args(["--wire-listen", "off"])
             .arg("--data-dir")
             .arg(data_dir)
             .stdin(Stdio::null())
