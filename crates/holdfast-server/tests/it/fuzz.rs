@@ -31,7 +31,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/{key}"),
 ];
 
-fn templates() -> Vec<Value> {
+pub(crate) fn templates() -> Vec<Value> {
     vec![
         json!({"holder": "h", "ttl_ms": 5000, "wait_ms": 10, "reason": "r", "metadata": {"a": 1}, "reentrant": true,
                "locks": [{"key": "f/a", "mode": "shared"}, {"key": "f/b", "limit": 3, "permits": 2, "lock_delay_ms": 5}]}),
@@ -45,7 +45,7 @@ fn templates() -> Vec<Value> {
     ]
 }
 
-fn json_value() -> impl Strategy<Value = Value> {
+pub(crate) fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
@@ -67,7 +67,7 @@ fn json_value() -> impl Strategy<Value = Value> {
 }
 
 /// Replace, delete or add a member somewhere in a template.
-fn mutate(mut v: Value, path_choice: usize, action: u8, replacement: Value) -> Value {
+pub(crate) fn mutate(mut v: Value, path_choice: usize, action: u8, replacement: Value) -> Value {
     fn walk(v: &mut Value, choice: &mut usize, action: u8, replacement: &Value) -> bool {
         match v {
             Value::Object(map) => {

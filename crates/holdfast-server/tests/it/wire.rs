@@ -48,13 +48,18 @@ impl Raw {
     }
 
     async fn send_bytes(&mut self, id: u64, op: u8, body: &[u8]) {
+        self.try_send_bytes(id, op, body).await.expect("write");
+    }
+
+    /// Like `send_bytes`, but a connection the server already closed is not a failure.
+    async fn try_send_bytes(&mut self, id: u64, op: u8, body: &[u8]) -> std::io::Result<()> {
         let mut frame = Vec::new();
         let len = u32::try_from(wire::REQUEST_HEADER_BYTES + body.len()).unwrap();
         frame.extend_from_slice(&len.to_be_bytes());
         frame.extend_from_slice(&id.to_be_bytes());
         frame.push(op);
         frame.extend_from_slice(body);
-        self.stream.write_all(&frame).await.expect("write");
+        self.stream.write_all(&frame).await
     }
 
     async fn send(&mut self, id: u64, op: Op, body: Value) {
@@ -465,4 +470,126 @@ async fn shutdown_answers_a_waiting_request_before_closing() {
     c.assert_closed().await;
     stop.await.unwrap();
     drop(server);
+}
+
+/// One fuzzed frame: an op byte (valid or not) and a body (random bytes, random JSON, or a
+/// valid body with one member replaced, removed or added).
+#[derive(Debug, Clone)]
+struct FuzzFrame {
+    op: u8,
+    body: Vec<u8>,
+}
+
+fn fuzz_frame() -> impl proptest::strategy::Strategy<Value = FuzzFrame> {
+    use proptest::prelude::*;
+    let ops = prop_oneof![
+        4 => proptest::sample::select(Op::ALL.iter().map(|op| *op as u8).collect::<Vec<_>>()),
+        1 => any::<u8>(),
+    ];
+    let mut templates = crate::fuzz::templates();
+    templates.extend([
+        json!({"protocol": 1}),
+        json!({"lease_id": "0123456789abcdef0123456789abcdef", "key": "f/a"}),
+        json!({"lease_id": "0123456789abcdef0123456789abcdef", "wait_ms": 10, "locks": [{"key": "f/z"}]}),
+        json!({"id": 3}),
+    ]);
+    let n = templates.len();
+    let plain: Vec<Vec<u8>> = templates
+        .iter()
+        .map(|t| serde_json::to_vec(t).unwrap())
+        .collect();
+    let bodies = prop_oneof![
+        proptest::sample::select(plain),
+        proptest::collection::vec(any::<u8>(), 0..120),
+        crate::fuzz::json_value().prop_map(|v| serde_json::to_vec(&v).unwrap()),
+        (0..n, 0usize..12, any::<u8>(), crate::fuzz::json_value()).prop_map(move |(t, c, a, r)| {
+            serde_json::to_vec(&crate::fuzz::mutate(templates[t].clone(), c, a, r)).unwrap()
+        }),
+    ];
+    (ops, bodies).prop_map(|(op, body)| FuzzFrame { op, body })
+}
+
+/// Random frame sequences, with and without hello: every answer is a JSON error below 500
+/// (503 `overloaded` aside) or a success, each request is answered at most once, and the
+/// server keeps serving.
+#[test]
+fn malformed_wire_frames_never_get_a_5xx() {
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut config = ServerConfig::ephemeral_memory();
+    // Short waits keep random valid requests from long-polling.
+    config.limits.engine.wait_ms_max = 50;
+    let s = rt.block_on(TestServer::start(config));
+    let cases: u32 = std::env::var("HOLDFAST_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let strategy = (
+        proptest::bool::weighted(0.9),
+        proptest::collection::vec(fuzz_frame(), 1..8),
+    );
+    let statuses = std::sync::Mutex::new(std::collections::BTreeMap::<u16, u64>::new());
+    runner
+        .run(&strategy, |(hello, frames)| {
+            let result: Result<(), String> = rt.block_on(async {
+                let mut c = if hello {
+                    Raw::hello(&s).await
+                } else {
+                    Raw::connect(&s).await
+                };
+                for (i, f) in frames.iter().enumerate() {
+                    // The server closes after an unrecoverable frame (no hello, bad hello).
+                    if c.try_send_bytes(i as u64 + 1, f.op, &f.body).await.is_err() {
+                        break;
+                    }
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                while seen.len() < frames.len() {
+                    let Some(a) = c.next().await else { break };
+                    *statuses.lock().unwrap().entry(a.status).or_default() += 1;
+                    if a.status >= 500 && a.status != 503 {
+                        return Err(format!("{a:?} for {frames:?}"));
+                    }
+                    if a.status != 200
+                        && !(a.body["error"].is_string()
+                            && a.body["message"].as_str().is_some_and(|m| !m.is_empty()))
+                    {
+                        return Err(format!("error without code/message: {a:?}"));
+                    }
+                    if !seen.insert(a.id) {
+                        return Err(format!("request {} answered twice", a.id));
+                    }
+                }
+                Ok(())
+            });
+            result.map_err(proptest::test_runner::TestCaseError::fail)
+        })
+        .unwrap();
+    let statuses = statuses.into_inner().unwrap();
+    // Still serving, and the fuzz reached the operations, not only the frame checks.
+    rt.block_on(async {
+        let mut c = Raw::hello(&s).await;
+        let a = c
+            .call(1, Op::CreateLease, create("after", "after/fuzz", 0))
+            .await;
+        assert_eq!(a.status, 200, "{a:?}");
+    });
+    assert!(
+        statuses.get(&200).is_some_and(|n| *n > 0),
+        "no request succeeded: {statuses:?}"
+    );
+    assert!(
+        statuses.keys().any(|s| *s == 404 || *s == 409),
+        "no request reached the engine: {statuses:?}"
+    );
+    rt.block_on(s.shutdown());
 }
