@@ -151,6 +151,18 @@ impl Engine {
         crate::snapshot::restore(limits, state, now_ms, grace_ms)
     }
 
+    /// Every live lease's id and owner credential, without copying the state (the host counts
+    /// leases per token from it at start).
+    pub fn lease_owners(&self) -> impl Iterator<Item = (LeaseId, Option<&str>)> + '_ {
+        self.leases.iter().map(|(id, lease)| (*id, lease.owner()))
+    }
+
+    /// The number of live leases.
+    #[must_use]
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
     /// The complete durable state (for snapshots and tests).
     #[must_use]
     pub fn durable_state(&self) -> DurableState {

@@ -31,9 +31,9 @@ impl HeldLock {
         }
     }
 
-    pub fn from_view(v: &HeldLockView) -> Self {
+    pub fn from_record(v: HeldLockView) -> Self {
         HeldLock {
-            key: v.key.as_str().into(),
+            key: v.key.into(),
             kind: v.kind,
             fencing_token: v.fencing_token,
             count: v.count,

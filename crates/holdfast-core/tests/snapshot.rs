@@ -417,3 +417,44 @@ fn restore_refuses_inconsistent_states() {
     });
     assert!(err.0.contains("different modes"), "{err}");
 }
+
+#[test]
+fn restore_puts_shared_holders_in_grant_order_whatever_the_record_order() {
+    let shared = |token: u64| HeldLockView {
+        key: "k".into(),
+        kind: LockKind::Shared,
+        fencing_token: token,
+        count: 1,
+        acquired_at_ms: 0,
+        lock_delay_ms: 0,
+    };
+    let lease = |id: u128, token: u64| LeaseRecord {
+        lease_id: LeaseId(id),
+        holder: format!("h{id}"),
+        ttl_ms: 60_000,
+        expires_at_ms: 60_000,
+        created_at_ms: 0,
+        reason: None,
+        metadata: None,
+        owner: None,
+        locks: vec![shared(token)],
+    };
+    // Records arrive in lease-id order, which is not the grant order.
+    let state = DurableState {
+        fencing_next: 10,
+        event_seq_next: 1,
+        leases: vec![lease(1, 7), lease(2, 3), lease(3, 5), lease(4, 9)],
+        idempotency: vec![],
+        lock_delays: vec![],
+    };
+    let e = Engine::restore(Limits::default(), state, 0, 0).unwrap();
+    e.check_invariants().unwrap();
+    let tokens: Vec<u64> = e
+        .lock_info("k")
+        .unwrap()
+        .holders
+        .iter()
+        .map(|(_, h)| h.fencing_token)
+        .collect();
+    assert_eq!(tokens, vec![3, 5, 7, 9]);
+}

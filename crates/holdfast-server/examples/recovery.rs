@@ -1,7 +1,9 @@
 //! Recovery time of a data directory holding N leases (one exclusive lock each), phase by
 //! phase. Fills the directory through the engine and the store (the records the server writes,
 //! without the network), then times what a restart does: open + load, restore, and the whole
-//! `holdfast_server::start` until it serves.
+//! `holdfast_server::start` until it serves, and (as the W4 benchmark does) the release binary
+//! `target/release/holdfast serve` from spawn until `GET /readyz` answers 200 (`HOLDFAST_BIN`
+//! names another binary).
 //!
 //! ```sh
 //! cargo run --release -p holdfast-server --example recovery -- 1000000 [DIR]
@@ -15,6 +17,10 @@ use holdfast_core::{
 };
 use holdfast_server::store::Store;
 use holdfast_server::{Durability, ServerConfig};
+
+/// The allocator of the `holdfast` binary, so the in-process figures match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -70,14 +76,15 @@ fn main() -> anyhow::Result<()> {
     let engine = Engine::restore(Limits::default(), state, now, 10_000)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let restored = t.elapsed();
-    let durable = engine.durable_state();
-    let snapshot = t.elapsed();
-    drop(durable);
+    let checked = engine.check_invariants();
+    let invariants = t.elapsed();
+    checked.map_err(|e| anyhow::anyhow!("invariants: {e}"))?;
     println!(
-        "{leases} leases: open {opened:.2?}, load {:.2?}, restore {:.2?} (durable_state {:.2?})",
+        "{leases} leases: (a) Store::open {opened:.2?} + load {:.2?}, (b) Engine::restore {:.2?}, \
+         (c) full check_invariants {:.2?} (tests only; not run at startup in release builds)",
         loaded - opened,
         restored - loaded,
-        snapshot - restored
+        invariants - restored
     );
     drop(engine);
     drop(store);
@@ -88,9 +95,93 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let t = Instant::now();
         let server = holdfast_server::start(ServerConfig::ephemeral_sync(&dir)).await?;
-        println!("start() until serving: {:.2?}", t.elapsed());
+        println!(
+            "in process: holdfast_server::start() until serving {:.2?}",
+            t.elapsed()
+        );
         server.shutdown().await;
         anyhow::Ok(())
     })?;
+
+    let bin = std::env::var_os("HOLDFAST_BIN").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/holdfast"),
+        std::path::PathBuf::from,
+    );
+    if bin.exists() {
+        spawn_until_ready(&bin, &dir, n)?;
+    } else {
+        println!(
+            "{} not built: skipping the spawn → /readyz measurement",
+            bin.display()
+        );
+    }
     Ok(())
+}
+
+/// Spawn the release binary on the directory and time spawn → `GET /readyz` 200, as W4 does;
+/// then check `/v1/stats` and kill it with SIGKILL.
+fn spawn_until_ready(bin: &std::path::Path, dir: &std::path::Path, n: u64) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let t = Instant::now();
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--wire-listen", "off"])
+        .args(["--durability", "sync", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut addr = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(a) = line.strip_prefix("listening on http://") {
+            addr = Some(a.trim().to_owned());
+            break;
+        }
+    }
+    let result = (|| {
+        let addr = addr.ok_or_else(|| anyhow::anyhow!("server exited before listening"))?;
+        let listening = t.elapsed();
+        loop {
+            if get(&addr, "/readyz").is_ok_and(|(status, _)| status == 200) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let ready = t.elapsed();
+        let (_, stats) = get(&addr, "/v1/stats")?;
+        let stats: serde_json::Value = serde_json::from_str(&stats)?;
+        println!(
+            "binary {}: spawn → listening {listening:.2?}, spawn → /readyz 200 {ready:.2?}; \
+             /v1/stats active_locks = {}, leases = {} (expected {n})",
+            bin.display(),
+            stats["active_locks"],
+            stats["leases"]
+        );
+        anyhow::Ok(())
+    })();
+    child.kill()?;
+    child.wait()?;
+    result
+}
+
+/// A bare HTTP/1.0 GET: (status, body).
+fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("bad answer {text:?}"))?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Ok((status, body))
 }

@@ -364,7 +364,8 @@ pub struct Host {
     exit_on_store_failure: bool,
     pending: HashMap<WaiterId, (u64, Pending)>,
     by_request: HashMap<u64, WaiterId>,
-    /// Owner of every live lease, and live leases per owner (for the per-token quota).
+    /// Owner of every live lease created under a token (absent: no owner), and live leases
+    /// per owner (for the per-token quota).
     owners: HashMap<LeaseId, Option<String>>,
     owner_counts: HashMap<String, u64>,
     leases_per_token_max: u64,
@@ -408,13 +409,15 @@ pub fn spawn(parts: HostParts) -> std::io::Result<(EngineHandle, std::thread::Jo
     let (tx, rx) = crossbeam_channel::unbounded();
     let queued = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicBool::new(false));
+    // Only leases created under a token are tracked (open mode: none): no per-lease cost
+    // at restart or while a lease is held.
     let mut owners = HashMap::new();
     let mut owner_counts: HashMap<String, u64> = HashMap::new();
-    for lease in parts.engine.durable_state().leases {
-        if let Some(owner) = &lease.owner {
-            *owner_counts.entry(owner.clone()).or_default() += 1;
+    for (lease_id, owner) in parts.engine.lease_owners() {
+        if let Some(owner) = owner {
+            *owner_counts.entry(owner.to_owned()).or_default() += 1;
+            owners.insert(lease_id, Some(owner.to_owned()));
         }
-        owners.insert(lease.lease_id, lease.owner);
     }
     let host = Host {
         engine: parts.engine,
@@ -884,11 +887,11 @@ impl Host {
         for (id, record) in &changes.leases {
             match record {
                 Some(r) => {
-                    if !self.owners.contains_key(id) {
-                        if let Some(o) = &r.owner {
-                            *self.owner_counts.entry(o.clone()).or_default() += 1;
-                        }
-                        self.owners.insert(*id, r.owner.clone());
+                    if let Some(o) = &r.owner
+                        && !self.owners.contains_key(id)
+                    {
+                        *self.owner_counts.entry(o.clone()).or_default() += 1;
+                        self.owners.insert(*id, Some(o.clone()));
                     }
                 }
                 None => {

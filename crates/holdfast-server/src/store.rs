@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use holdfast_core::{ChangeSet, DurableState, IdempotencyRecord, LeaseId, LeaseRecord};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::config::Durability;
 
@@ -33,6 +33,8 @@ pub const DB_FILE_NAME: &str = "holdfast.redb";
 /// In `async` mode counters are reserved this far ahead with a durable commit, so a crash that
 /// loses unsynced commits never makes a fencing token or event sequence number go backwards.
 const COUNTER_RESERVE: u64 = 100_000;
+/// At most this many lease records are reserved for before reading them.
+const LOAD_RESERVE_MAX: usize = 1 << 22;
 
 const META_FORMAT: &str = "format_version";
 const META_FENCING: &str = "fencing_next";
@@ -208,6 +210,10 @@ impl Store {
         state.event_seq_next = event_seq_next.max(self.event_seq_ceiling).max(1);
 
         let leases = tx.open_table(LEASES)?;
+        // redb keeps the row count in the table header: sized once, not regrown (bounded, so
+        // a damaged count cannot ask for absurd memory; beyond the bound the vector grows).
+        let rows = usize::try_from(leases.len()?).unwrap_or(usize::MAX);
+        state.leases.reserve(rows.min(LOAD_RESERVE_MAX));
         for entry in leases.iter()? {
             let (k, v) = entry?;
             let id = LeaseId(k.value());
