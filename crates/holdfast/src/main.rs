@@ -15,6 +15,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::duration::parse_duration;
 
+/// mimalloc instead of the system allocator: smaller per-allocation overhead for the server's
+/// many small records (memory per held lock) and much cheaper bulk frees (restart recovery).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The exit codes, shown by `holdfast --help` (and documented in docs/cli.md).
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
