@@ -54,4 +54,5 @@ mod validate;
 pub use engine::Engine;
 pub use error::{LockError, RestoreError};
 pub use limits::Limits;
+pub use snapshot::Restorer;
 pub use types::*;

@@ -11,7 +11,9 @@ use crate::idempotency::IdemEntry;
 use crate::keys::{Family, Holders, KeyState};
 use crate::leases::{HeldLock, Lease, LeaseExtra};
 use crate::limits::Limits;
-use crate::types::{DurableState, IdempotencyState, LeaseId, LockKind, TimeMs};
+use crate::types::{
+    DurableState, IdempotencyRecord, IdempotencyState, LeaseId, LeaseRecord, LockKind, TimeMs,
+};
 
 pub(crate) fn durable_state(e: &Engine) -> DurableState {
     let mut leases: Vec<_> = e.leases.values().map(Lease::record).collect();
@@ -37,38 +39,72 @@ fn err(msg: impl Into<String>) -> RestoreError {
     RestoreError(msg.into())
 }
 
-pub(crate) fn restore(
-    limits: Limits,
-    state: DurableState,
+/// Builds an engine from durable state one lease record at a time, so a caller reading
+/// records from disk never holds them all in memory at once: [`Restorer::new`] with the
+/// counters, [`Restorer::add_lease`] for every lease, then [`Restorer::finish`]. Each record is
+/// validated as it arrives; what cannot be checked record by record (duplicate tokens, grant
+/// order of keys with several holders) is checked by `finish`.
+#[derive(Debug)]
+pub struct Restorer {
+    e: Engine,
+    fencing_next: u64,
+    floor: TimeMs,
     now_ms: TimeMs,
-    grace_ms: u64,
-) -> Result<Engine, RestoreError> {
-    let mut e = Engine::new(limits);
-    if state.fencing_next == 0 {
-        return Err(err("fencing_next is 0; tokens start at 1"));
-    }
-    if state.event_seq_next == 0 {
-        return Err(err("event_seq_next is 0; sequence numbers start at 1"));
-    }
-    e.fencing_next = state.fencing_next;
-    e.event_seq_next = state.event_seq_next;
-    e.dirty.fencing_taken = state.fencing_next;
-    e.dirty.seq_taken = state.event_seq_next;
-    let floor = now_ms.saturating_add(grace_ms);
+    tokens: Vec<u64>,
+    timers: Vec<(TimeMs, LeaseId)>,
+    /// Keys with more than one holder: their holders are put in grant order by `finish`.
+    shared_keys: Vec<Arc<str>>,
+}
 
-    // One pass over the leases builds the lease table, the key table and the expiry timers
-    // together, every map sized up front from the record count (a million leases must not
-    // rehash their way up), validating each record as it goes. Only what cannot be checked
-    // record by record waits for the end: duplicate tokens (one sort) and the grant order of
-    // keys with several holders (rare).
-    let n = state.leases.len();
-    e.leases.reserve(n);
-    e.keys.reserve(n);
-    let mut tokens: Vec<u64> = Vec::with_capacity(n);
-    let mut timers: Vec<(TimeMs, LeaseId)> = Vec::with_capacity(n);
-    // Keys with more than one holder: their holders are put in grant order afterwards.
-    let mut shared_keys: Vec<Arc<str>> = Vec::new();
-    for rec in state.leases {
+impl Restorer {
+    /// Start a restore with the durable counters; `leases` (a hint) sizes the tables.
+    /// Every lease's expiry will be extended to at least `now_ms + grace_ms`.
+    ///
+    /// # Errors
+    /// A counter is 0.
+    pub fn new(
+        limits: Limits,
+        fencing_next: u64,
+        event_seq_next: u64,
+        now_ms: TimeMs,
+        grace_ms: u64,
+        leases: usize,
+    ) -> Result<Self, RestoreError> {
+        let mut e = Engine::new(limits);
+        if fencing_next == 0 {
+            return Err(err("fencing_next is 0; tokens start at 1"));
+        }
+        if event_seq_next == 0 {
+            return Err(err("event_seq_next is 0; sequence numbers start at 1"));
+        }
+        e.fencing_next = fencing_next;
+        e.event_seq_next = event_seq_next;
+        e.dirty.fencing_taken = fencing_next;
+        e.dirty.seq_taken = event_seq_next;
+        // Sized up front: a million leases must not rehash their way up. Only a hint: if
+        // the memory cannot be had now, the tables grow as records arrive.
+        let _ = e.leases.try_reserve(leases);
+        let _ = e.keys.try_reserve(leases);
+        let mut tokens = Vec::new();
+        let _ = tokens.try_reserve(leases);
+        let mut timers = Vec::new();
+        let _ = timers.try_reserve(leases);
+        Ok(Restorer {
+            e,
+            fencing_next,
+            floor: now_ms.saturating_add(grace_ms),
+            now_ms,
+            tokens,
+            timers,
+            shared_keys: Vec::new(),
+        })
+    }
+
+    /// Add one lease with its locks (into the lease table, the key table and the timers).
+    ///
+    /// # Errors
+    /// The record is inconsistent (in itself or with the leases added before it).
+    pub fn add_lease(&mut self, rec: LeaseRecord) -> Result<(), RestoreError> {
         let id = rec.lease_id;
         if rec.holder.is_empty() {
             return Err(err(format!("lease {id} has an empty holder")));
@@ -83,20 +119,20 @@ pub(crate) fn restore(
                 return Err(err(format!("lease {id} holds key {} twice", w[0].key)));
             }
         }
-        if e.leases.contains_key(&id) {
+        if self.e.leases.contains_key(&id) {
             return Err(err(format!("lease {id} appears twice")));
         }
         for h in &locks {
             if h.count == 0 {
                 return Err(err(format!("lease {id} holds {} with count 0", h.key)));
             }
-            if h.fencing_token == 0 || h.fencing_token >= state.fencing_next {
+            if h.fencing_token == 0 || h.fencing_token >= self.fencing_next {
                 return Err(err(format!(
                     "lease {id} holds {} with fencing token {}, not in 1..{}",
-                    h.key, h.fencing_token, state.fencing_next
+                    h.key, h.fencing_token, self.fencing_next
                 )));
             }
-            tokens.push(h.fencing_token);
+            self.tokens.push(h.fencing_token);
             if let LockKind::Semaphore { limit, permits } = h.kind
                 && (limit == 0 || permits == 0 || permits > limit)
             {
@@ -106,9 +142,9 @@ pub(crate) fn restore(
                 )));
             }
             let family = Family::of(h.kind);
-            let ks = match e.keys.entry(Arc::clone(&h.key)) {
+            let ks = match self.e.keys.entry(Arc::clone(&h.key)) {
                 Entry::Vacant(v) => {
-                    e.held_keys += 1;
+                    self.e.held_keys += 1;
                     v.insert(KeyState::new(family))
                 }
                 Entry::Occupied(o) => {
@@ -120,7 +156,7 @@ pub(crate) fn restore(
                         )));
                     }
                     if ks.holders.len() == 1 {
-                        shared_keys.push(Arc::clone(&h.key));
+                        self.shared_keys.push(Arc::clone(&h.key));
                     }
                     ks
                 }
@@ -139,12 +175,12 @@ pub(crate) fn restore(
                 return Err(err(format!("key {} has conflicting holders", h.key)));
             }
         }
-        let expires_at_ms = rec.expires_at_ms.max(floor);
+        let expires_at_ms = rec.expires_at_ms.max(self.floor);
         if expires_at_ms != rec.expires_at_ms {
-            e.dirty.leases.insert(id);
+            self.e.dirty.leases.insert(id);
         }
-        timers.push((expires_at_ms, id));
-        e.leases.insert(
+        self.timers.push((expires_at_ms, id));
+        self.e.leases.insert(
             id,
             Lease::new(
                 id,
@@ -162,99 +198,139 @@ pub(crate) fn restore(
                 .boxed(),
             ),
         );
+        Ok(())
     }
 
-    tokens.sort_unstable();
-    if let Some(w) = tokens.windows(2).find(|w| w[0] == w[1]) {
-        return Err(err(format!(
-            "fencing token {} is issued to two grants",
-            w[0]
-        )));
-    }
-    drop(tokens);
-    // Sorted input: the set is built in one linear pass.
-    timers.sort_unstable();
-    e.lease_timers = timers.into_iter().collect();
+    /// Add the idempotency records and lock-delays, check what spans records, and fire
+    /// whatever is due at `now_ms`.
+    ///
+    /// # Errors
+    /// The state is inconsistent.
+    pub fn finish(
+        self,
+        idempotency: Vec<IdempotencyRecord>,
+        lock_delays: Vec<(String, TimeMs)>,
+    ) -> Result<Engine, RestoreError> {
+        let Restorer {
+            mut e,
+            now_ms,
+            mut tokens,
+            mut timers,
+            shared_keys,
+            ..
+        } = self;
+        tokens.sort_unstable();
+        if let Some(w) = tokens.windows(2).find(|w| w[0] == w[1]) {
+            return Err(err(format!(
+                "fencing token {} is issued to two grants",
+                w[0]
+            )));
+        }
+        drop(tokens);
+        // Sorted input: the set is built in one linear pass.
+        timers.sort_unstable();
+        e.lease_timers = timers.into_iter().collect();
 
-    // Holders in grant order (ascending token) where a key has several.
-    for key in shared_keys {
-        let Some(ks) = e.keys.get_mut(&key) else {
-            return Err(err("internal: shared key vanished"));
-        };
-        let mut hs: Vec<(u64, LeaseId)> = Vec::with_capacity(ks.holders.len());
-        for id in ks.holders.iter() {
-            let token = e
-                .leases
-                .get(id)
-                .and_then(|l| l.lock(&key))
-                .map(|h| h.fencing_token)
-                .ok_or_else(|| err("internal: holder vanished"))?;
-            hs.push((token, *id));
+        // Holders in grant order (ascending token) where a key has several.
+        for key in shared_keys {
+            let Some(ks) = e.keys.get_mut(&key) else {
+                return Err(err("internal: shared key vanished"));
+            };
+            let mut hs: Vec<(u64, LeaseId)> = Vec::with_capacity(ks.holders.len());
+            for id in ks.holders.iter() {
+                let token = e
+                    .leases
+                    .get(id)
+                    .and_then(|l| l.lock(&key))
+                    .map(|h| h.fencing_token)
+                    .ok_or_else(|| err("internal: holder vanished"))?;
+                hs.push((token, *id));
+            }
+            hs.sort_unstable();
+            ks.holders = Holders::None;
+            for (_, id) in hs {
+                ks.holders.push(id);
+            }
         }
-        hs.sort_unstable();
-        ks.holders = Holders::None;
-        for (_, id) in hs {
-            ks.holders.push(id);
-        }
-    }
 
-    for (key, until) in state.lock_delays {
-        let ks = e
-            .keys
-            .entry(key.as_str().into())
-            .or_insert_with(|| KeyState::new(Family::ReadWrite));
-        if ks.delayed_until_ms.is_some() {
-            return Err(err(format!("key {key} has two lock-delays")));
+        for (key, until) in lock_delays {
+            let ks = e
+                .keys
+                .entry(key.as_str().into())
+                .or_insert_with(|| KeyState::new(Family::ReadWrite));
+            if ks.delayed_until_ms.is_some() {
+                return Err(err(format!("key {key} has two lock-delays")));
+            }
+            ks.delayed_until_ms = Some(until);
+            e.delay_timers.insert((until, key.into()));
         }
-        ks.delayed_until_ms = Some(until);
-        e.delay_timers.insert((until, key.into()));
-    }
 
-    for rec in state.idempotency {
-        if e.idem.contains_key(rec.key.as_str()) {
-            return Err(err(format!("idempotency record {} appears twice", rec.key)));
-        }
-        match &rec.state {
-            IdempotencyState::InProgress { lease_id } => {
-                let Some(l) = e.leases.get_mut(lease_id) else {
-                    return Err(err(format!(
-                        "idempotency record {} is in progress under a missing lease",
-                        rec.key
-                    )));
-                };
-                if l.executing().is_some() {
-                    return Err(err(format!(
-                        "lease {lease_id} executes two idempotency records"
-                    )));
+        for rec in idempotency {
+            if e.idem.contains_key(rec.key.as_str()) {
+                return Err(err(format!("idempotency record {} appears twice", rec.key)));
+            }
+            match &rec.state {
+                IdempotencyState::InProgress { lease_id } => {
+                    let Some(l) = e.leases.get_mut(lease_id) else {
+                        return Err(err(format!(
+                            "idempotency record {} is in progress under a missing lease",
+                            rec.key
+                        )));
+                    };
+                    if l.executing().is_some() {
+                        return Err(err(format!(
+                            "lease {lease_id} executes two idempotency records"
+                        )));
+                    }
+                    l.set_executing(Some(rec.key.as_str().into()));
                 }
-                l.set_executing(Some(rec.key.as_str().into()));
+                IdempotencyState::Completed(_) => {
+                    let Some(exp) = rec.expires_at_ms else {
+                        return Err(err(format!(
+                            "completed idempotency record {} has no expiry",
+                            rec.key
+                        )));
+                    };
+                    e.idem_timers.insert((exp, rec.key.as_str().into()));
+                }
             }
-            IdempotencyState::Completed(_) => {
-                let Some(exp) = rec.expires_at_ms else {
-                    return Err(err(format!(
-                        "completed idempotency record {} has no expiry",
-                        rec.key
-                    )));
-                };
-                e.idem_timers.insert((exp, rec.key.as_str().into()));
-            }
+            e.idem.insert(
+                rec.key.as_str().into(),
+                IdemEntry {
+                    record: rec,
+                    waiters: VecDeque::new(),
+                },
+            );
         }
-        e.idem.insert(
-            rec.key.as_str().into(),
-            IdemEntry {
-                record: rec,
-                waiters: VecDeque::new(),
-            },
-        );
-    }
 
-    e.advance(now_ms);
-    e.run_grants(now_ms);
-    // Every rule about the *data* is checked above, record by record; the full recomputation
-    // of the engine's indexes checks this function's own construction, which the tests (debug
-    // builds) do on every restore. In release it was the largest part of a restart (a million
-    // leases: ~30 % of the time), so it is left to the tests.
-    #[cfg(debug_assertions)]
-    e.check_invariants().map_err(err)?;
-    Ok(e)
+        e.advance(now_ms);
+        e.run_grants(now_ms);
+        // Every rule about the *data* is checked above, record by record; the full recomputation
+        // of the engine's indexes checks this function's own construction, which the tests (debug
+        // builds) do on every restore. In release it was the largest part of a restart (a million
+        // leases: ~30 % of the time), so it is left to the tests.
+        #[cfg(debug_assertions)]
+        e.check_invariants().map_err(err)?;
+        Ok(e)
+    }
+}
+
+pub(crate) fn restore(
+    limits: Limits,
+    state: DurableState,
+    now_ms: TimeMs,
+    grace_ms: u64,
+) -> Result<Engine, RestoreError> {
+    let mut r = Restorer::new(
+        limits,
+        state.fencing_next,
+        state.event_seq_next,
+        now_ms,
+        grace_ms,
+        state.leases.len(),
+    )?;
+    for rec in state.leases {
+        r.add_lease(rec)?;
+    }
+    r.finish(state.idempotency, state.lock_delays)
 }

@@ -108,7 +108,10 @@ fn main() -> anyhow::Result<()> {
         std::path::PathBuf::from,
     );
     if bin.exists() {
-        spawn_until_ready(&bin, &dir, n)?;
+        // The first start follows the clean shutdown above; it is killed with SIGKILL, so the
+        // second one recovers from a crash (redb repairs its allocator state), as in W4.
+        spawn_until_ready(&bin, &dir, n, "after a clean stop")?;
+        spawn_until_ready(&bin, &dir, n, "after SIGKILL")?;
     } else {
         println!(
             "{} not built: skipping the spawn → /readyz measurement",
@@ -120,7 +123,12 @@ fn main() -> anyhow::Result<()> {
 
 /// Spawn the release binary on the directory and time spawn → `GET /readyz` 200, as W4 does;
 /// then check `/v1/stats` and kill it with SIGKILL.
-fn spawn_until_ready(bin: &std::path::Path, dir: &std::path::Path, n: u64) -> anyhow::Result<()> {
+fn spawn_until_ready(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    n: u64,
+    what: &str,
+) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
@@ -157,7 +165,7 @@ fn spawn_until_ready(bin: &std::path::Path, dir: &std::path::Path, n: u64) -> an
         let (_, stats) = get(&addr, "/v1/stats")?;
         let stats: serde_json::Value = serde_json::from_str(&stats)?;
         println!(
-            "binary {}: spawn → listening {listening:.2?}, spawn → /readyz 200 {ready:.2?}; \
+            "binary {} ({what}): spawn → listening {listening:.2?}, spawn → /readyz 200 {ready:.2?}; \
              /v1/stats active_locks = {}, leases = {} (expected {n})",
             bin.display(),
             stats["active_locks"],

@@ -330,18 +330,41 @@ async fn open_engine(
             source,
         };
         let mut store = Store::open(&dir, durability).map_err(store_err)?;
-        let state = store.load().map_err(store_err)?;
-        let summary = Summary {
-            leases: state.leases.len(),
-            idempotency: state.idempotency.len(),
-            event_seq_next: state.event_seq_next,
+        let restore_err = |source| ServeError::Restore {
+            dir: dir.clone(),
+            source,
         };
-        let engine = Engine::restore(limits, state, clock.now_ms(), grace).map_err(|source| {
-            ServeError::Restore {
-                dir: dir.clone(),
-                source,
-            }
-        })?;
+        // Each lease record goes into the engine as it is read: the records are never all
+        // in memory at once beside the engine's own state.
+        let now = clock.now_ms();
+        let mut leases = 0usize;
+        let (restorer, rest) = store
+            .load_with(
+                |h| {
+                    holdfast_core::Restorer::new(
+                        limits,
+                        h.fencing_next,
+                        h.event_seq_next,
+                        now,
+                        grace,
+                        h.leases,
+                    )
+                },
+                |r, record| {
+                    leases += 1;
+                    r.add_lease(record)
+                },
+            )
+            .map_err(store_err)?
+            .map_err(restore_err)?;
+        let summary = Summary {
+            leases,
+            idempotency: rest.idempotency.len(),
+            event_seq_next: rest.event_seq_next,
+        };
+        let engine = restorer
+            .finish(rest.idempotency, rest.lock_delays)
+            .map_err(restore_err)?;
         Ok((engine, Some(store), summary))
     })
     .await

@@ -33,7 +33,7 @@ pub const DB_FILE_NAME: &str = "holdfast.redb";
 /// In `async` mode counters are reserved this far ahead with a durable commit, so a crash that
 /// loses unsynced commits never makes a fencing token or event sequence number go backwards.
 const COUNTER_RESERVE: u64 = 100_000;
-/// At most this many lease records are reserved for before reading them.
+/// At most this many lease records are announced (for sizing) before reading them.
 const LOAD_RESERVE_MAX: usize = 1 << 22;
 
 const META_FORMAT: &str = "format_version";
@@ -102,6 +102,17 @@ impl<E: Into<redb::Error>> From<E> for StoreError {
     fn from(e: E) -> Self {
         StoreError::Io(Box::new(e.into()))
     }
+}
+
+/// What [`Store::load_with`] knows before the first lease record.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadHeader {
+    /// Next fencing token (above every stored token; the async-mode ceiling included).
+    pub fencing_next: u64,
+    /// Next event sequence number.
+    pub event_seq_next: u64,
+    /// Number of lease records (bounded: a hint for sizing).
+    pub leases: usize,
 }
 
 /// Counters of the commits a store performed (for metrics and the benchmark).
@@ -187,6 +198,37 @@ impl Store {
     /// # Errors
     /// Any record that does not decode or is inconsistent with its key.
     pub fn load(&mut self) -> Result<DurableState, StoreError> {
+        let loaded = self.load_with(
+            |header| {
+                let mut leases = Vec::new();
+                let _ = leases.try_reserve(header.leases);
+                Ok::<_, std::convert::Infallible>(leases)
+            },
+            |leases, record| {
+                leases.push(record);
+                Ok(())
+            },
+        )?;
+        let Ok((leases, mut state)) = loaded;
+        state.leases = leases;
+        Ok(state)
+    }
+
+    /// Read and validate the whole durable state, handing every lease record to `add` as soon
+    /// as it is decoded, so that no list of all records is ever built (a restart of a million
+    /// leases would otherwise hold them twice: as records and as engine state). `start` is
+    /// called once with the counters before the first record and makes the sink; the rest of
+    /// the state (counters, idempotency records, lock-delays) is returned with `leases` empty.
+    /// Creates the tables of a new database.
+    ///
+    /// # Errors
+    /// Outer: any record that does not decode or is inconsistent with its key. Inner: the
+    /// first error of `start` or `add` (reading stops there).
+    pub fn load_with<S, E>(
+        &mut self,
+        start: impl FnOnce(LoadHeader) -> Result<S, E>,
+        mut add: impl FnMut(&mut S, LeaseRecord) -> Result<(), E>,
+    ) -> Result<Result<(S, DurableState), E>, StoreError> {
         // Create missing tables and stamp the format version in one durable commit.
         {
             let mut tx = self.db.begin_write()?;
@@ -222,10 +264,18 @@ impl Store {
         state.event_seq_next = event_seq_next.max(self.event_seq_ceiling).max(1);
 
         let leases = tx.open_table(LEASES)?;
-        // redb keeps the row count in the table header: sized once, not regrown (bounded, so
-        // a damaged count cannot ask for absurd memory; beyond the bound the vector grows).
+        // redb keeps the row count in the table header: the sink can size its tables once
+        // (bounded, so a damaged count cannot ask for absurd memory).
         let rows = usize::try_from(leases.len()?).unwrap_or(usize::MAX);
-        state.leases.reserve(rows.min(LOAD_RESERVE_MAX));
+        let header = LoadHeader {
+            fencing_next: state.fencing_next,
+            event_seq_next: state.event_seq_next,
+            leases: rows.min(LOAD_RESERVE_MAX),
+        };
+        let mut sink = match start(header) {
+            Ok(sink) => sink,
+            Err(e) => return Ok(Err(e)),
+        };
         for entry in leases.iter()? {
             let (k, v) = entry?;
             let id = LeaseId(k.value());
@@ -237,7 +287,9 @@ impl Store {
                     (r.lease_id != id).then(|| format!("record names lease {}", r.lease_id))
                 },
             )?;
-            state.leases.push(record);
+            if let Err(e) = add(&mut sink, record) {
+                return Ok(Err(e));
+            }
         }
         let idem = tx.open_table(IDEMPOTENCY)?;
         for entry in idem.iter()? {
@@ -258,7 +310,7 @@ impl Store {
             let (k, v) = entry?;
             state.lock_delays.push((k.value().to_owned(), v.value()));
         }
-        Ok(state)
+        Ok(Ok((sink, state)))
     }
 
     /// Write one change set in one transaction. In `sync` mode the commit is durable when this
@@ -693,6 +745,47 @@ mod tests {
         assert_eq!(state.event_seq_next, 3);
         assert_eq!(state.leases, vec![lease(1)]);
         assert_eq!(state.lock_delays, vec![("k".to_owned(), 99)]);
+    }
+
+    #[test]
+    fn streaming_load_restores_like_load_and_stops_at_the_first_refusal() {
+        use holdfast_core::{Engine, Limits, Restorer};
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
+        store.load().unwrap();
+        let mut cs = ChangeSet {
+            fencing_next: Some(8),
+            event_seq_next: Some(3),
+            ..ChangeSet::default()
+        };
+        cs.leases.insert(LeaseId(1), Some(lease(1)));
+        store.apply(&cs).unwrap();
+
+        let restore = |store: &mut Store| {
+            store
+                .load_with(
+                    |h| {
+                        assert_eq!((h.fencing_next, h.event_seq_next), (8, 3));
+                        assert!(h.leases >= 1);
+                        Restorer::new(Limits::default(), h.fencing_next, h.event_seq_next, 0, 0, 1)
+                    },
+                    |r, record| r.add_lease(record),
+                )
+                .unwrap()
+                .and_then(|(r, rest)| r.finish(rest.idempotency, rest.lock_delays))
+        };
+        let streamed = restore(&mut store).unwrap();
+        let whole = Engine::restore(Limits::default(), store.load().unwrap(), 0, 0).unwrap();
+        assert_eq!(streamed.durable_state(), whole.durable_state());
+
+        // A second lease holding the same exclusive key: refused by the restorer, named.
+        let mut other = lease(2);
+        other.locks[0].fencing_token = 6;
+        let mut cs = ChangeSet::default();
+        cs.leases.insert(LeaseId(2), Some(other));
+        store.apply(&cs).unwrap();
+        let err = restore(&mut store).unwrap_err();
+        assert!(err.0.contains("conflicting holders"), "{err}");
     }
 
     #[test]
