@@ -275,7 +275,7 @@ impl Engine {
             .remove_lease(lease_id, now, &Removal::Released)
             .ok_or(LockError::LeaseNotFound { lease_id })?;
         self.run_grants(now);
-        Ok(lease.view())
+        Ok(lease.view(lease_id))
     }
 
     /// Release one lock of a lease: decrements its reentrant count, frees it at zero. Returns
@@ -347,7 +347,7 @@ impl Engine {
             .remove_lease(lease_id, now, &Removal::Forced(reason.to_owned()))
             .ok_or(LockError::LeaseNotFound { lease_id })?;
         self.run_grants(now);
-        Ok(lease.view())
+        Ok(lease.view(lease_id))
     }
 
     /// Apply everything due by `now_ms`: lease expiries, wait timeouts, lock-delay ends,
@@ -390,7 +390,7 @@ impl Engine {
         ids.sort_unstable();
         cs.leases = ids
             .into_iter()
-            .map(|id| (id, self.leases.get(&id).map(Lease::record)))
+            .map(|id| (id, self.leases.get(&id).map(|l| l.record(id))))
             .collect::<BTreeMap<_, _>>();
         let mut keys: Vec<Box<str>> = dirty.idempotency.into_iter().collect();
         keys.sort_unstable();
@@ -416,7 +416,7 @@ impl Engine {
     /// A lease, if live at `now_ms` (does not apply expiries).
     #[must_use]
     pub fn lease(&self, lease_id: LeaseId) -> Option<LeaseView> {
-        self.leases.get(&lease_id).map(Lease::view)
+        self.leases.get(&lease_id).map(|l| l.view(lease_id))
     }
 
     /// One key's holders, waiters and lock-delay; `None` if the key is entirely free.
@@ -688,7 +688,7 @@ impl Engine {
     pub(crate) fn lease_view_of(&self, id: LeaseId) -> LeaseView {
         self.leases
             .get(&id)
-            .map_or_else(|| empty_view(id), Lease::view)
+            .map_or_else(|| empty_view(id), |l| l.view(id))
     }
 
     // ----- demand and grantability -----
@@ -987,7 +987,6 @@ impl Engine {
         self.leases.insert(
             nl.lease_id,
             Lease::new(
-                nl.lease_id,
                 nl.holder.into_boxed_str(),
                 nl.ttl_ms,
                 expires_at_ms,

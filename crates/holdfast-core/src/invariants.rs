@@ -34,7 +34,6 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
     let mut tokens = HashSet::new();
     let mut held_locks = 0usize;
     for (id, lease) in &e.leases {
-        ensure!(lease.id == *id, "lease {id} indexed under the wrong id");
         ensure!(
             lease.expires_at_ms > now,
             "lease {id} expired at {} but still live at {now}",

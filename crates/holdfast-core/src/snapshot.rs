@@ -16,7 +16,7 @@ use crate::types::{
 };
 
 pub(crate) fn durable_state(e: &Engine) -> DurableState {
-    let mut leases: Vec<_> = e.leases.values().map(Lease::record).collect();
+    let mut leases: Vec<_> = e.leases.iter().map(|(id, l)| l.record(*id)).collect();
     leases.sort_by_key(|l| l.lease_id);
     let mut idempotency: Vec<_> = e.idem.values().map(|x| x.record.clone()).collect();
     idempotency.sort_by(|a, b| a.key.cmp(&b.key));
@@ -183,7 +183,6 @@ impl Restorer {
         self.e.leases.insert(
             id,
             Lease::new(
-                id,
                 rec.holder.into(),
                 rec.ttl_ms,
                 expires_at_ms,
