@@ -406,7 +406,7 @@ impl Engine {
         cs.lock_delays = keys
             .into_iter()
             .map(|k| {
-                let d = self.keys.get(&*k).and_then(|ks| ks.delayed_until_ms);
+                let d = self.keys.get(&*k).and_then(|ks| ks.delayed_until_ms());
                 (k.into_string(), d)
             })
             .collect();
@@ -449,7 +449,7 @@ impl Engine {
             key: key.to_owned(),
             holders,
             waiters,
-            delayed_until_ms: ks.delayed_until_ms,
+            delayed_until_ms: ks.delayed_until_ms(),
         })
     }
 
@@ -617,7 +617,7 @@ impl Engine {
                     if let Some((_, key)) = self.delay_timers.pop_first()
                         && let Some(ks) = self.keys.get_mut(&*key)
                     {
-                        ks.delayed_until_ms = None;
+                        ks.set_delayed_until_ms(None);
                         self.dirty.lock_delays.insert(key.clone());
                         self.settle_key(&key);
                     }
@@ -865,7 +865,7 @@ impl Engine {
             let delayed_until_ms = self
                 .keys
                 .get(blocked_key.as_str())
-                .and_then(|ks| ks.delayed_until_ms)
+                .and_then(|ks| ks.delayed_until_ms())
                 .filter(|d| *d > now);
             return Err(LockError::LockHeld {
                 holders: self.holder_summaries(&blocked_key),
@@ -1358,14 +1358,14 @@ impl Engine {
 
     fn set_delay(&mut self, key: &str, until: TimeMs) {
         if let Some(ks) = self.keys.get_mut(key) {
-            let old = ks.delayed_until_ms;
+            let old = ks.delayed_until_ms();
             if old.is_some_and(|o| o >= until) {
                 return;
             }
             if let Some(o) = old {
                 self.delay_timers.remove(&(o, Box::from(key)));
             }
-            ks.delayed_until_ms = Some(until);
+            ks.set_delayed_until_ms(Some(until));
             self.delay_timers.insert((until, key.into()));
             self.dirty.lock_delays.insert(key.into());
         }

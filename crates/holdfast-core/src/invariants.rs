@@ -153,7 +153,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
                 );
             }
         }
-        if let Some(d) = ks.delayed_until_ms {
+        if let Some(d) = ks.delayed_until_ms() {
             delays += 1;
             ensure!(d > now, "key {key} delay until {d} not ended at {now}");
             ensure!(

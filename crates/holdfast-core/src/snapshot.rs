@@ -23,7 +23,7 @@ pub(crate) fn durable_state(e: &Engine) -> DurableState {
     let mut lock_delays: Vec<(String, TimeMs)> = e
         .keys
         .iter()
-        .filter_map(|(k, ks)| ks.delayed_until_ms.map(|d| (k.to_string(), d)))
+        .filter_map(|(k, ks)| ks.delayed_until_ms().map(|d| (k.to_string(), d)))
         .collect();
     lock_delays.sort();
     DurableState {
@@ -257,10 +257,10 @@ impl Restorer {
                 .keys
                 .entry(key.as_str().into())
                 .or_insert_with(|| KeyState::new(Family::ReadWrite));
-            if ks.delayed_until_ms.is_some() {
+            if ks.delayed_until_ms().is_some() {
                 return Err(err(format!("key {key} has two lock-delays")));
             }
-            ks.delayed_until_ms = Some(until);
+            ks.set_delayed_until_ms(Some(until));
             e.delay_timers.insert((until, key.into()));
         }
 
