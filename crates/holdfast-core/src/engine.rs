@@ -82,6 +82,8 @@ pub struct Engine {
     pub(crate) next_waiter_id: u64,
     pub(crate) leases: IdMap<LeaseId, Lease>,
     pub(crate) keys: HashMap<Arc<str>, KeyState>,
+    /// Holder names of live leases, each stored once and shared by its leases.
+    pub(crate) holder_names: HashSet<Arc<str>>,
     pub(crate) waiters: IdMap<WaiterId, LockWaiter>,
     pub(crate) idem: HashMap<Box<str>, IdemEntry>,
     pub(crate) idem_waiters: IdMap<WaiterId, IdemWaiter>,
@@ -119,6 +121,7 @@ impl Engine {
             next_waiter_id: 1,
             leases: IdMap::default(),
             keys: HashMap::new(),
+            holder_names: HashSet::new(),
             waiters: IdMap::default(),
             idem: HashMap::new(),
             idem_waiters: IdMap::default(),
@@ -984,16 +987,10 @@ impl Engine {
             executing,
         }
         .boxed();
+        let holder = self.intern_holder(nl.holder);
         self.leases.insert(
             nl.lease_id,
-            Lease::new(
-                nl.holder.into_boxed_str(),
-                nl.ttl_ms,
-                expires_at_ms,
-                t,
-                Vec::new(),
-                extra,
-            ),
+            Lease::new(holder, nl.ttl_ms, expires_at_ms, t, Vec::new(), extra),
         );
         self.lease_timers.insert((expires_at_ms, nl.lease_id));
         self.dirty.leases.insert(nl.lease_id);
@@ -1393,10 +1390,24 @@ impl Engine {
         Ok(())
     }
 
+    /// The shared copy of a holder name (stored once however many leases it has).
+    pub(crate) fn intern_holder(&mut self, name: String) -> Arc<str> {
+        if let Some(shared) = self.holder_names.get(name.as_str()) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = name.into();
+        self.holder_names.insert(Arc::clone(&shared));
+        shared
+    }
+
     /// Remove a lease with all its locks; its queued request fails; an idempotency
     /// execution it ran returns to free.
     pub(crate) fn remove_lease(&mut self, id: LeaseId, t: TimeMs, how: &Removal) -> Option<Lease> {
         let lease = self.leases.remove(&id)?;
+        // The name is dropped from the table with its last lease (this one, and the table).
+        if Arc::strong_count(&lease.holder) == 2 {
+            self.holder_names.remove(&lease.holder);
+        }
         self.lease_timers.remove(&(lease.expires_at_ms, id));
         self.dirty.leases.insert(id);
         for held in &lease.locks {

@@ -92,6 +92,21 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             );
         }
     }
+    for (id, lease) in &e.leases {
+        ensure!(
+            e.holder_names
+                .get(&*lease.holder)
+                .is_some_and(|n| std::sync::Arc::ptr_eq(n, &lease.holder)),
+            "lease {id} holder {} is not the interned name",
+            lease.holder
+        );
+    }
+    for name in &e.holder_names {
+        ensure!(
+            std::sync::Arc::strong_count(name) >= 2,
+            "holder name {name} is kept without a lease"
+        );
+    }
     ensure!(
         e.lease_timers.len() == e.leases.len(),
         "{} lease timers for {} leases",

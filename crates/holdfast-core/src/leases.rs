@@ -47,7 +47,8 @@ impl HeldLock {
 #[derive(Clone, Debug)]
 pub(crate) struct Lease {
     // No copy of the id: the lease table's key is the id (16 bytes per lease saved).
-    pub holder: Box<str>,
+    /// Interned: the leases of one holder share the text (`Engine::intern_holder`).
+    pub holder: Arc<str>,
     pub ttl_ms: u64,
     pub expires_at_ms: TimeMs,
     pub created_at_ms: TimeMs,
@@ -80,7 +81,7 @@ impl LeaseExtra {
 impl Lease {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        holder: Box<str>,
+        holder: Arc<str>,
         ttl_ms: u64,
         expires_at_ms: TimeMs,
         created_at_ms: TimeMs,

@@ -180,10 +180,11 @@ impl Restorer {
             self.e.dirty.leases.insert(id);
         }
         self.timers.push((expires_at_ms, id));
+        let holder = self.e.intern_holder(rec.holder);
         self.e.leases.insert(
             id,
             Lease::new(
-                rec.holder.into(),
+                holder,
                 rec.ttl_ms,
                 expires_at_ms,
                 rec.created_at_ms,
