@@ -40,7 +40,8 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             lease.expires_at_ms
         );
         ensure!(
-            e.lease_timers.contains(&(lease.expires_at_ms, *id)),
+            e.lease_timers
+                .contains(&crate::engine::LeaseTimer::new(lease.expires_at_ms, *id)),
             "lease {id} has no expiry timer"
         );
         for w in lease.locks.windows(2) {

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, LeaseTimer};
 use crate::error::RestoreError;
 use crate::idempotency::IdemEntry;
 use crate::keys::{Family, Holders, KeyState};
@@ -229,7 +229,10 @@ impl Restorer {
         drop(tokens);
         // Sorted input: the set is built in one linear pass.
         timers.sort_unstable();
-        e.lease_timers = timers.into_iter().collect();
+        e.lease_timers = timers
+            .into_iter()
+            .map(|(t, id)| LeaseTimer::new(t, id))
+            .collect();
 
         // Holders in grant order (ascending token) where a key has several.
         for key in shared_keys {
