@@ -16,13 +16,22 @@
 //! A handler dropped while its request is queued sends [`Command::Cancel`], which removes the
 //! waiter from the engine's queue.
 //!
+//! **Memory mode runs the hot path inline.** With no store there is no commit to share, so
+//! batching buys nothing and the channel hop to the host thread (a wake-up there and another
+//! back) was most of a request's cost. With `durability = memory` the lease commands
+//! ([`Command::inline`]) are applied by the calling thread itself under the host's mutex: the
+//! same `tick` → `apply` → deliver sequence, one command at a time. The host thread then only
+//! fires timers (woken by [`Command::Wake`] when an inline command set an earlier deadline) and
+//! serves the heavier admin commands. Either way the host's state is only ever touched under
+//! its mutex, so the engine still sees one totally ordered history.
+//!
 //! A store failure is fail-stop: nothing of the failed batch is acknowledged; the process
 //! exits (or, in tests, the host stops and every later request is answered `overloaded`). The
 //! disk is the truth; a restart recovers from it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -203,12 +212,40 @@ pub enum Command {
     },
     /// Stop: fail queued requests, commit, exit.
     Shutdown,
+    /// Inline mode: an inline command set a deadline earlier than the one the host thread
+    /// sleeps until; recompute it.
+    Wake,
 }
 
 impl Command {
-    /// Cancel and Shutdown bypass the queue bound (they must never be refused).
+    /// Cancel, Shutdown and Wake bypass the queue bound (they must never be refused).
     fn counted(&self) -> bool {
-        !matches!(self, Command::Cancel { .. } | Command::Shutdown)
+        !matches!(
+            self,
+            Command::Cancel { .. } | Command::Shutdown | Command::Wake
+        )
+    }
+
+    /// In memory mode, applied by the calling thread (cheap, bounded work). The rest (listings,
+    /// admin force-releases, shutdown) go through the host thread, so a large listing never
+    /// runs on a connection thread.
+    fn inline(&self) -> bool {
+        matches!(
+            self,
+            Command::Acquire { .. }
+                | Command::Renew { .. }
+                | Command::ReleaseLease { .. }
+                | Command::ReleaseLock { .. }
+                | Command::GetLease { .. }
+                | Command::LockInfo { .. }
+                | Command::Fencing { .. }
+                | Command::Stats { .. }
+                | Command::IdemBegin { .. }
+                | Command::IdemComplete { .. }
+                | Command::IdemAbort { .. }
+                | Command::IdemGet { .. }
+                | Command::Cancel { .. }
+        )
     }
 }
 
@@ -234,10 +271,22 @@ pub struct EngineHandle {
     pub failed: Arc<AtomicBool>,
     /// The server clock.
     pub clock: Clock,
+    /// Memory mode: the host, for commands applied by the calling thread.
+    inline: Option<Arc<Mutex<Host>>>,
 }
 
 impl EngineHandle {
     fn send(&self, cmd: Command) -> Result<(), ApiError> {
+        if let Some(host) = &self.inline
+            && cmd.inline()
+        {
+            let wake = lock_host(host).ok_or_else(stopping)?.apply_inline(cmd)?;
+            if wake {
+                // Cannot fail while this handle holds a sender; a stopped host needs no wake.
+                let _ = self.tx.send(Command::Wake);
+            }
+            return Ok(());
+        }
         if cmd.counted() && self.queued.fetch_add(1, Ordering::AcqRel) >= self.queue_max {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(ApiError::overloaded(format!(
@@ -308,6 +357,12 @@ fn stopping() -> ApiError {
     ApiError::overloaded("the server is shutting down or stopped")
 }
 
+/// The host, unless a panic while it was held poisoned it: then the host counts as stopped
+/// (as a panicked host thread did before inline mode), never as consistent.
+fn lock_host(host: &Mutex<Host>) -> Option<MutexGuard<'_, Host>> {
+    host.lock().ok()
+}
+
 struct CancelOnDrop<'a> {
     handle: &'a EngineHandle,
     request_id: u64,
@@ -349,13 +404,18 @@ enum Pending {
     Idem(Reply<IdempotencyOutcome>, String),
 }
 
-/// Everything the host thread owns.
+/// Everything the host owns (behind one mutex: the host thread's and, in memory mode, the
+/// connection threads' way in).
 pub struct Host {
     engine: Engine,
     store: Option<Store>,
     durability: Durability,
     async_flush: Duration,
-    rx: Receiver<Command>,
+    /// When the host thread will wake next (`None`: only for a command), as it computed under
+    /// the mutex before sleeping. Inline commands compare their new deadline with it.
+    scheduled_wake: Option<Instant>,
+    /// Set once the host stopped (shutdown or store failure): inline commands are refused.
+    stopped: bool,
     queued: Arc<AtomicUsize>,
     clock: Clock,
     hub: Arc<EventHub>,
@@ -419,12 +479,14 @@ pub fn spawn(parts: HostParts) -> std::io::Result<(EngineHandle, std::thread::Jo
             owners.insert(lease_id, Some(owner.to_owned()));
         }
     }
+    let inline_mode = parts.store.is_none();
     let host = Host {
         engine: parts.engine,
         store: parts.store,
         durability: parts.durability,
         async_flush: Duration::from_millis(parts.async_flush_ms),
-        rx,
+        scheduled_wake: None,
+        stopped: false,
         queued: Arc::clone(&queued),
         clock: parts.clock,
         hub: parts.hub,
@@ -441,6 +503,7 @@ pub fn spawn(parts: HostParts) -> std::io::Result<(EngineHandle, std::thread::Jo
         started: Instant::now(),
         gauges_at: None,
     };
+    let host = Arc::new(Mutex::new(host));
     let handle = EngineHandle {
         tx,
         queued,
@@ -448,83 +511,128 @@ pub fn spawn(parts: HostParts) -> std::io::Result<(EngineHandle, std::thread::Jo
         next_request_id: Arc::new(AtomicU64::new(1)),
         failed,
         clock: parts.clock,
+        inline: inline_mode.then(|| Arc::clone(&host)),
     };
     let thread = std::thread::Builder::new()
         .name("holdfast-engine".to_owned())
-        .spawn(move || host.run())?;
+        .spawn(move || run(&host, &rx))?;
     Ok((handle, thread))
 }
 
-impl Host {
-    fn run(mut self) {
-        loop {
-            let wake = self.next_wake();
-            let first = match wake {
-                Some(at) => self.rx.recv_deadline(at),
-                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            };
-            let mut batch = Vec::new();
-            match first {
-                Ok(cmd) => batch.push(cmd),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.stop();
-                    return;
-                }
-            }
-            while batch.len() < BATCH_COMMANDS_MAX {
-                match self.rx.try_recv() {
-                    Ok(cmd) => batch.push(cmd),
-                    Err(_) => break,
-                }
-            }
-            let counted = batch.iter().filter(|c| c.counted()).count();
-            self.queued.fetch_sub(counted, Ordering::AcqRel);
-            self.counters
-                .commands
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            if !batch.is_empty() {
-                metrics::histogram!(m::BATCH_COMMANDS).record(batch.len() as f64);
-            }
-            let now = self.clock.now_ms();
-            self.engine.tick(now);
-            let mut deliveries = Vec::with_capacity(batch.len());
-            let mut shutdown = false;
-            for cmd in batch {
-                if matches!(cmd, Command::Shutdown) {
-                    shutdown = true;
-                    continue;
-                }
-                self.apply(cmd, now, &mut deliveries);
-            }
-            if shutdown {
-                self.fail_pending(now);
-            }
-            if !self.commit_and_deliver(now, deliveries) {
+/// The host thread: wait for commands or the next deadline, apply them in batches.
+fn run(host: &Mutex<Host>, rx: &Receiver<Command>) {
+    loop {
+        let wake = {
+            let Some(mut host) = lock_host(host) else {
                 return;
-            }
-            if let Some(store) = &mut self.store
-                && store
-                    .unsynced_since()
-                    .is_some_and(|t| t.elapsed() >= self.async_flush)
-            {
-                match store.flush() {
-                    Ok(_) => {
-                        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!(m::FSYNCS).increment(1);
-                    }
-                    Err(e) => {
-                        self.store_failed(&e.to_string());
-                        return;
-                    }
+            };
+            let wake = host.next_wake();
+            host.scheduled_wake = wake;
+            wake
+        };
+        let first = match wake {
+            Some(at) => rx.recv_deadline(at),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let mut batch = Vec::new();
+        match first {
+            Ok(cmd) => batch.push(cmd),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                if let Some(mut host) = lock_host(host) {
+                    host.stop();
                 }
-            }
-            self.update_gauges();
-            if shutdown {
-                self.stop();
                 return;
             }
         }
+        while batch.len() < BATCH_COMMANDS_MAX {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let Some(mut host) = lock_host(host) else {
+            return;
+        };
+        if !host.run_batch(batch) {
+            return;
+        }
+    }
+}
+
+impl Host {
+    /// Apply one batch from the channel and commit it. Returns false once the host stopped.
+    fn run_batch(&mut self, batch: Vec<Command>) -> bool {
+        let counted = batch.iter().filter(|c| c.counted()).count();
+        self.queued.fetch_sub(counted, Ordering::AcqRel);
+        self.counters
+            .commands
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if !batch.is_empty() {
+            metrics::histogram!(m::BATCH_COMMANDS).record(batch.len() as f64);
+        }
+        let now = self.clock.now_ms();
+        self.engine.tick(now);
+        let mut deliveries = Vec::with_capacity(batch.len());
+        let mut shutdown = false;
+        for cmd in batch {
+            if matches!(cmd, Command::Shutdown) {
+                shutdown = true;
+                continue;
+            }
+            self.apply(cmd, now, &mut deliveries);
+        }
+        if shutdown {
+            self.fail_pending(now);
+        }
+        if !self.commit_and_deliver(now, deliveries) {
+            return false;
+        }
+        if let Some(store) = &mut self.store
+            && store
+                .unsynced_since()
+                .is_some_and(|t| t.elapsed() >= self.async_flush)
+        {
+            match store.flush() {
+                Ok(_) => {
+                    self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::FSYNCS).increment(1);
+                }
+                Err(e) => {
+                    self.store_failed(&e.to_string());
+                    return false;
+                }
+            }
+        }
+        self.update_gauges();
+        if shutdown {
+            self.stop();
+            return false;
+        }
+        true
+    }
+
+    /// Memory mode: apply one command now, on the calling thread (see the module docs).
+    /// Returns whether the host thread must recompute its wake-up (an earlier deadline).
+    fn apply_inline(&mut self, cmd: Command) -> Result<bool, ApiError> {
+        if self.stopped {
+            return Err(stopping());
+        }
+        let now = self.clock.now_ms();
+        self.engine.tick(now);
+        let mut deliveries = Vec::with_capacity(1);
+        self.apply(cmd, now, &mut deliveries);
+        self.counters.commands.fetch_add(1, Ordering::Relaxed);
+        if !self.commit_and_deliver(now, deliveries) {
+            return Ok(false);
+        }
+        self.update_gauges();
+        let next = self.next_wake();
+        let earlier = next.is_some_and(|n| self.scheduled_wake.is_none_or(|s| n < s));
+        if earlier {
+            self.scheduled_wake = next;
+        }
+        Ok(earlier)
     }
 
     fn next_wake(&self) -> Option<Instant> {
@@ -852,7 +960,7 @@ impl Host {
                 // If cancel_wait found nothing, an answer is already on its way; its delivery
                 // will fail and be undone.
             }
-            Command::Shutdown => {}
+            Command::Shutdown | Command::Wake => {}
         }
     }
 
@@ -1025,6 +1133,7 @@ impl Host {
             "store commit failed: stopping (fail-stop); restart recovers from the last durable commit"
         );
         self.failed.store(true, Ordering::SeqCst);
+        self.stopped = true;
         if self.exit_on_store_failure {
             std::process::exit(70);
         }
@@ -1034,6 +1143,7 @@ impl Host {
     }
 
     fn stop(&mut self) {
+        self.stopped = true;
         let now = self.clock.now_ms();
         self.fail_pending(now);
         let _ = self.commit_and_deliver(now, Vec::new());

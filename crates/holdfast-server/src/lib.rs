@@ -396,7 +396,7 @@ pub fn serve_blocking(args: ServeArgs) -> Result<(), ServeError> {
             ));
         }
         Some(n) => n,
-        None => default_worker_threads(),
+        None => default_worker_threads(config.durability),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -420,14 +420,17 @@ pub fn serve_blocking(args: ServeArgs) -> Result<(), ServeError> {
     })
 }
 
-/// One thread fewer than the CPUs, at least one: the engine host thread, through which every
-/// request passes, keeps a core of its own. On a 2-CPU machine a second connection thread only
-/// added cross-thread wake-ups (W1 in docs/benchmarks.md: 1 thread served ~20 % more pairs/s).
-fn default_worker_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .saturating_sub(1)
-        .max(1)
+/// With a store, one thread fewer than the CPUs, at least one: the engine host thread, through
+/// which every request passes, keeps a core of its own (on a 2-CPU machine a second connection
+/// thread only added cross-thread wake-ups: W1 served ~20 % more pairs/s with one). In memory
+/// mode the connection threads apply lease commands themselves (`actor.rs`), so they get every
+/// CPU.
+fn default_worker_threads(durability: Durability) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    match durability {
+        Durability::Memory => cpus,
+        Durability::Sync | Durability::Async => cpus.saturating_sub(1).max(1),
+    }
 }
 
 async fn wait_for_signal() {

@@ -8,6 +8,7 @@ mod common;
 mod durability;
 mod fifo;
 mod fuzz;
+mod history;
 mod longpoll;
 mod sse;
 mod wire;
