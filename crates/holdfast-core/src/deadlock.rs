@@ -103,14 +103,14 @@ impl Engine {
                     self.waiter_demand(waiter, &spec.key).map(|k| (*w, k))
                 })
                 .collect();
-            let others = ks
-                .holders
-                .iter()
-                .filter(|h| Some(**h) != own)
-                .filter_map(|h| {
-                    let kind = self.leases.get(h)?.lock(&spec.key)?.kind;
-                    Some((*h, kind))
-                });
+            let others = ks.holders.iter().filter_map(|h| {
+                let lease = self.leases.at(*h)?;
+                let id = lease.id();
+                if Some(id) == own {
+                    return None;
+                }
+                Some((id, lease.lock(&spec.key)?.kind))
+            });
             match ks.family {
                 Family::ReadWrite => {
                     for (h, kind) in others {

@@ -10,7 +10,7 @@ use crate::error::{LockError, RestoreError};
 use crate::idempotency::{IdemEntry, IdemWaiter};
 use crate::idhash::{IdMap, IdSet};
 use crate::keys::{Family, KeyState, LockWaiter, Usage, WaitTarget};
-use crate::leases::{HeldLock, Lease, LeaseExtra};
+use crate::leases::{HeldLock, Lease, LeaseExtra, LeaseTable, Slot};
 use crate::limits::Limits;
 use crate::types::{
     AcquireOutcome, AcquireRequest, ChangeSet, DurableState, Event, EventKind, FencingCheck, Grant,
@@ -97,7 +97,7 @@ pub struct Engine {
     pub(crate) fencing_next: u64,
     pub(crate) event_seq_next: u64,
     pub(crate) next_waiter_id: u64,
-    pub(crate) leases: IdMap<LeaseId, Lease>,
+    pub(crate) leases: LeaseTable,
     pub(crate) keys: HashMap<Arc<str>, KeyState>,
     /// Holder names of live leases, each stored once and shared by its leases.
     pub(crate) holder_names: HashSet<Arc<str>>,
@@ -136,7 +136,7 @@ impl Engine {
             fencing_next: 1,
             event_seq_next: 1,
             next_waiter_id: 1,
-            leases: IdMap::default(),
+            leases: LeaseTable::default(),
             keys: HashMap::new(),
             holder_names: HashSet::new(),
             waiters: IdMap::default(),
@@ -174,7 +174,9 @@ impl Engine {
     /// Every live lease's id and owner credential, without copying the state (the host counts
     /// leases per token from it at start).
     pub fn lease_owners(&self) -> impl Iterator<Item = (LeaseId, Option<&str>)> + '_ {
-        self.leases.iter().map(|(id, lease)| (*id, lease.owner()))
+        self.leases
+            .iter()
+            .map(|(_, lease)| (lease.id(), lease.owner()))
     }
 
     /// The number of live leases.
@@ -295,7 +297,7 @@ impl Engine {
             .remove_lease(lease_id, now, &Removal::Released)
             .ok_or(LockError::LeaseNotFound { lease_id })?;
         self.run_grants(now);
-        Ok(lease.view(lease_id))
+        Ok(lease.view())
     }
 
     /// Release one lock of a lease: decrements its reentrant count, frees it at zero. Returns
@@ -332,7 +334,10 @@ impl Engine {
         };
         self.counters.force_releases += 1;
         let mut out = Vec::with_capacity(holders.len());
-        for id in holders {
+        for slot in holders {
+            let Some(id) = self.leases.at(slot).map(Lease::id) else {
+                continue;
+            };
             if let Some(held) = self.take_lock(id, key) {
                 let holder = self.leases.get(&id).map(|l| l.holder.to_string());
                 self.dirty.leases.insert(id);
@@ -367,7 +372,7 @@ impl Engine {
             .remove_lease(lease_id, now, &Removal::Forced(reason.to_owned()))
             .ok_or(LockError::LeaseNotFound { lease_id })?;
         self.run_grants(now);
-        Ok(lease.view(lease_id))
+        Ok(lease.view())
     }
 
     /// Apply everything due by `now_ms`: lease expiries, wait timeouts, lock-delay ends,
@@ -410,7 +415,7 @@ impl Engine {
         ids.sort_unstable();
         cs.leases = ids
             .into_iter()
-            .map(|id| (id, self.leases.get(&id).map(|l| l.record(id))))
+            .map(|id| (id, self.leases.get(&id).map(Lease::record)))
             .collect::<BTreeMap<_, _>>();
         let mut keys: Vec<Box<str>> = dirty.idempotency.into_iter().collect();
         keys.sort_unstable();
@@ -436,7 +441,7 @@ impl Engine {
     /// A lease, if live at `now_ms` (does not apply expiries).
     #[must_use]
     pub fn lease(&self, lease_id: LeaseId) -> Option<LeaseView> {
-        self.leases.get(&lease_id).map(|l| l.view(lease_id))
+        self.leases.get(&lease_id).map(Lease::view)
     }
 
     /// One key's holders, waiters and lock-delay; `None` if the key is entirely free.
@@ -446,9 +451,9 @@ impl Engine {
         let holders = ks
             .holders
             .iter()
-            .filter_map(|id| {
-                let lease = self.leases.get(id)?;
-                Some((*id, holder_summary(lease, lease.lock(key)?)))
+            .filter_map(|slot| {
+                let lease = self.leases.at(*slot)?;
+                Some((lease.id(), holder_summary(lease, lease.lock(key)?)))
             })
             .collect();
         let waiters = ks
@@ -484,7 +489,7 @@ impl Engine {
                 filter.holder.as_deref().is_none_or(|h| {
                     ks.holders
                         .iter()
-                        .any(|id| self.leases.get(id).is_some_and(|l| &*l.holder == h))
+                        .any(|s| self.leases.at(*s).is_some_and(|l| &*l.holder == h))
                 })
             })
             .map(|(k, _)| &**k)
@@ -502,7 +507,7 @@ impl Engine {
             .map(|ks| {
                 ks.holders
                     .iter()
-                    .filter_map(|id| Some(self.leases.get(id)?.lock(key)?.fencing_token))
+                    .filter_map(|s| Some(self.leases.at(*s)?.lock(key)?.fencing_token))
                     .collect()
             })
             .unwrap_or_default();
@@ -710,7 +715,7 @@ impl Engine {
     pub(crate) fn lease_view_of(&self, id: LeaseId) -> LeaseView {
         self.leases
             .get(&id)
-            .map_or_else(|| empty_view(id), |l| l.view(id))
+            .map_or_else(|| empty_view(id), Lease::view)
     }
 
     // ----- demand and grantability -----
@@ -778,8 +783,8 @@ impl Engine {
             .map(|ks| {
                 ks.holders
                     .iter()
-                    .filter_map(|id| {
-                        let lease = self.leases.get(id)?;
+                    .filter_map(|s| {
+                        let lease = self.leases.at(*s)?;
                         Some(holder_summary(lease, lease.lock(key)?))
                     })
                     .collect()
@@ -791,7 +796,7 @@ impl Engine {
     fn existing_kind(&self, key: &str, ks: &KeyState) -> Option<LockKind> {
         ks.holders
             .iter()
-            .find_map(|id| Some(self.leases.get(id)?.lock(key)?.kind))
+            .find_map(|s| Some(self.leases.at(*s)?.lock(key)?.kind))
             .or_else(|| {
                 ks.queue.iter().find_map(|w| {
                     let waiter = self.waiters.get(w)?;
@@ -807,10 +812,11 @@ impl Engine {
     fn find_join(&self, nl: &NewLease, locks: &[LockSpec]) -> Option<LeaseId> {
         locks.iter().find_map(|spec| {
             let ks = self.keys.get(spec.key.as_str())?;
-            ks.holders.iter().copied().find(|id| {
+            ks.holders.iter().find_map(|s| {
                 self.leases
-                    .get(id)
-                    .is_some_and(|l| *l.holder == *nl.holder && l.owner() == nl.owner.as_deref())
+                    .at(*s)
+                    .filter(|l| *l.holder == *nl.holder && l.owner() == nl.owner.as_deref())
+                    .map(Lease::id)
             })
         })
     }
@@ -1007,10 +1013,15 @@ impl Engine {
         }
         .boxed();
         let holder = self.intern_holder(nl.holder);
-        self.leases.insert(
+        self.leases.insert(Lease::new(
             nl.lease_id,
-            Lease::new(holder, nl.ttl_ms, expires_at_ms, t, Vec::new(), extra),
-        );
+            holder,
+            nl.ttl_ms,
+            expires_at_ms,
+            t,
+            Vec::new(),
+            extra,
+        ));
         self.lease_timers
             .insert(LeaseTimer::new(expires_at_ms, nl.lease_id));
         self.dirty.leases.insert(nl.lease_id);
@@ -1063,7 +1074,8 @@ impl Engine {
         spec: &LockSpec,
         waited_ms: Option<u64>,
     ) -> HeldLockView {
-        let Some(lease) = self.leases.get_mut(&id) else {
+        let slot = self.leases.slot_of(id);
+        let Some((slot, lease)) = slot.and_then(|s| self.leases.at_mut(s).map(|l| (s, l))) else {
             // Unreachable: `do_grant` checked the lease exists. Answer "nothing held"
             // rather than panic in library code.
             return HeldLockView {
@@ -1088,8 +1100,8 @@ impl Engine {
                     if let Some(ks) = self.keys.get_mut(spec.key.as_str()) {
                         ks.held.sub(LockKind::Shared);
                         ks.held.add(LockKind::Exclusive);
-                        ks.holders.remove(id);
-                        ks.holders.push(id);
+                        ks.holders.remove(slot);
+                        ks.holders.push(slot);
                     }
                 }
                 h.view()
@@ -1120,7 +1132,7 @@ impl Engine {
                         if !ks.in_use() {
                             ks.family = family;
                         }
-                        ks.holders.push(id);
+                        ks.holders.push(slot);
                         ks.held.add(spec.kind);
                         if ks.holders.len() == 1 {
                             self.held_keys += 1;
@@ -1128,7 +1140,7 @@ impl Engine {
                     }
                     None => {
                         let mut ks = KeyState::new(family);
-                        ks.holders.push(id);
+                        ks.holders.push(slot);
                         ks.held.add(spec.kind);
                         self.held_keys += 1;
                         self.keys.insert(h.key.clone(), ks);
@@ -1314,17 +1326,18 @@ impl Engine {
 
     /// Detach a lock from a lease and from the key's holders (no events, no delay).
     fn take_lock(&mut self, id: LeaseId, key: &str) -> Option<HeldLock> {
-        let lease = self.leases.get_mut(&id)?;
+        let slot = self.leases.slot_of(id)?;
+        let lease = self.leases.at_mut(slot)?;
         let i = lease.lock_index(key).ok()?;
         let held = lease.locks.remove(i);
-        self.unhold(id, &held);
+        self.unhold(slot, &held);
         Some(held)
     }
 
     /// Remove a lease from a key's holders.
-    fn unhold(&mut self, id: LeaseId, held: &HeldLock) {
+    fn unhold(&mut self, slot: Slot, held: &HeldLock) {
         if let Some(ks) = self.keys.get_mut(&held.key)
-            && ks.holders.remove(id)
+            && ks.holders.remove(slot)
         {
             ks.held.sub(held.kind);
             if ks.holders.is_empty() {
@@ -1390,9 +1403,13 @@ impl Engine {
 
     /// Release one hold of `key` by a lease (voluntary).
     fn release_one(&mut self, t: TimeMs, id: LeaseId, key: &str) -> Result<(), LockError> {
+        let slot = self
+            .leases
+            .slot_of(id)
+            .ok_or(LockError::LeaseNotFound { lease_id: id })?;
         let lease = self
             .leases
-            .get_mut(&id)
+            .at_mut(slot)
             .ok_or(LockError::LeaseNotFound { lease_id: id })?;
         let i = lease.lock_index(key).map_err(|_| LockError::LockNotHeld {
             key: key.to_owned(),
@@ -1404,7 +1421,7 @@ impl Engine {
         }
         let held = lease.locks.remove(i);
         let holder = lease.holder.to_string();
-        self.unhold(id, &held);
+        self.unhold(slot, &held);
         self.after_unhold(t, &holder, &held, &Removal::Released);
         self.recheck_pending(id, key, t);
         Ok(())
@@ -1423,7 +1440,7 @@ impl Engine {
     /// Remove a lease with all its locks; its queued request fails; an idempotency
     /// execution it ran returns to free.
     pub(crate) fn remove_lease(&mut self, id: LeaseId, t: TimeMs, how: &Removal) -> Option<Lease> {
-        let lease = self.leases.remove(&id)?;
+        let (slot, lease) = self.leases.remove(&id)?;
         // The name is dropped from the table with its last lease (this one, and the table).
         if Arc::strong_count(&lease.holder) == 2 {
             self.holder_names.remove(&lease.holder);
@@ -1432,7 +1449,7 @@ impl Engine {
             .remove(&LeaseTimer::new(lease.expires_at_ms, id));
         self.dirty.leases.insert(id);
         for held in &lease.locks {
-            self.unhold(id, held);
+            self.unhold(slot, held);
             self.after_unhold(t, &lease.holder, held, how);
         }
         if let Some(w) = lease.pending() {

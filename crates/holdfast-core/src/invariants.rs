@@ -33,7 +33,9 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
     // Leases and their locks.
     let mut tokens = HashSet::new();
     let mut held_locks = 0usize;
-    for (id, lease) in &e.leases {
+    e.leases.check()?;
+    for (slot, lease) in e.leases.iter() {
+        let id = &lease.id();
         ensure!(
             lease.expires_at_ms > now,
             "lease {id} expired at {} but still live at {now}",
@@ -67,7 +69,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
                 .get(&h.key)
                 .ok_or_else(|| format!("lease {id} holds {} missing from the key table", h.key))?;
             ensure!(
-                ks.holders.iter().filter(|x| **x == *id).count() == 1,
+                ks.holders.iter().filter(|x| **x == slot).count() == 1,
                 "key {} does not list lease {id} exactly once",
                 h.key
             );
@@ -93,7 +95,8 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             );
         }
     }
-    for (id, lease) in &e.leases {
+    for (_, lease) in e.leases.iter() {
+        let id = lease.id();
         ensure!(
             e.holder_names
                 .get(&*lease.holder)
@@ -126,11 +129,12 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
         }
         let mut usage = Usage::default();
         let mut last_token = 0u64;
-        for id in ks.holders.iter() {
+        for slot in ks.holders.iter() {
             let lease = e
                 .leases
-                .get(id)
-                .ok_or_else(|| format!("key {key} held by missing lease {id}"))?;
+                .at(*slot)
+                .ok_or_else(|| format!("key {key} held by empty lease slot {slot}"))?;
+            let id = lease.id();
             let h = lease
                 .lock(key)
                 .ok_or_else(|| format!("key {key} lists lease {id} which does not hold it"))?;

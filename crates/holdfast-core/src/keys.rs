@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use crate::leases::Slot;
 use crate::types::{LeaseId, LockKind, LockSpec, NewLease, TimeMs, WaiterId};
 
 /// How a key is used while it is in use: the exclusive/shared family, or a semaphore with
@@ -83,17 +84,18 @@ pub(crate) fn conflicts(a: LockKind, b: LockKind) -> bool {
     )
 }
 
-/// The leases holding a key, in grant order. Most keys have one holder: kept inline.
+/// The leases holding a key (their lease-table slots), in grant order. Most keys have one
+/// holder: kept inline.
 #[derive(Clone, Debug, Default)]
 pub(crate) enum Holders {
     #[default]
     None,
-    One(LeaseId),
-    Many(Vec<LeaseId>),
+    One(Slot),
+    Many(Vec<Slot>),
 }
 
 impl Holders {
-    pub fn as_slice(&self) -> &[LeaseId] {
+    pub fn as_slice(&self) -> &[Slot] {
         match self {
             Holders::None => &[],
             Holders::One(id) => std::slice::from_ref(id),
@@ -101,7 +103,7 @@ impl Holders {
         }
     }
 
-    pub fn iter(&self) -> std::slice::Iter<'_, LeaseId> {
+    pub fn iter(&self) -> std::slice::Iter<'_, Slot> {
         self.as_slice().iter()
     }
 
@@ -113,7 +115,7 @@ impl Holders {
         self.as_slice().is_empty()
     }
 
-    pub fn push(&mut self, id: LeaseId) {
+    pub fn push(&mut self, id: Slot) {
         *self = match std::mem::take(self) {
             Holders::None => Holders::One(id),
             Holders::One(a) => Holders::Many(vec![a, id]),
@@ -125,7 +127,7 @@ impl Holders {
     }
 
     /// Remove `id`; false if it was not a holder.
-    pub fn remove(&mut self, id: LeaseId) -> bool {
+    pub fn remove(&mut self, id: Slot) -> bool {
         match self {
             Holders::None => false,
             Holders::One(a) => {

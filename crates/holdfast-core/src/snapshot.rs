@@ -9,14 +9,14 @@ use crate::engine::{Engine, LeaseTimer};
 use crate::error::RestoreError;
 use crate::idempotency::IdemEntry;
 use crate::keys::{Family, Holders, KeyState};
-use crate::leases::{HeldLock, Lease, LeaseExtra};
+use crate::leases::{HeldLock, Lease, LeaseExtra, Slot};
 use crate::limits::Limits;
 use crate::types::{
     DurableState, IdempotencyRecord, IdempotencyState, LeaseId, LeaseRecord, LockKind, TimeMs,
 };
 
 pub(crate) fn durable_state(e: &Engine) -> DurableState {
-    let mut leases: Vec<_> = e.leases.iter().map(|(id, l)| l.record(*id)).collect();
+    let mut leases: Vec<_> = e.leases.iter().map(|(_, l)| l.record()).collect();
     leases.sort_by_key(|l| l.lease_id);
     let mut idempotency: Vec<_> = e.idem.values().map(|x| x.record.clone()).collect();
     idempotency.sort_by(|a, b| a.key.cmp(&b.key));
@@ -83,7 +83,7 @@ impl Restorer {
         e.dirty.seq_taken = event_seq_next;
         // Sized up front: a million leases must not rehash their way up. Only a hint: if
         // the memory cannot be had now, the tables grow as records arrive.
-        let _ = e.leases.try_reserve(leases);
+        e.leases.try_reserve(leases);
         let _ = e.keys.try_reserve(leases);
         let mut tokens = Vec::new();
         let _ = tokens.try_reserve(leases);
@@ -132,7 +132,6 @@ impl Restorer {
                     h.key, h.fencing_token, self.fencing_next
                 )));
             }
-            self.tokens.push(h.fencing_token);
             if let LockKind::Semaphore { limit, permits } = h.kind
                 && (limit == 0 || permits == 0 || permits > limit)
             {
@@ -141,10 +140,46 @@ impl Restorer {
                     h.key
                 )));
             }
+        }
+        let expires_at_ms = rec.expires_at_ms.max(self.floor);
+        if expires_at_ms != rec.expires_at_ms {
+            self.e.dirty.leases.insert(id);
+        }
+        self.timers.push((expires_at_ms, id));
+        let holder = self.e.intern_holder(rec.holder);
+        // The key table refers to the lease by its slot, so the lease goes in first. A
+        // restorer that returned an error is not usable any more (`finish` consumes it after
+        // success only), so a half-added lease does no harm.
+        let slot = self.e.leases.insert(Lease::new(
+            id,
+            holder,
+            rec.ttl_ms,
+            expires_at_ms,
+            rec.created_at_ms,
+            locks,
+            LeaseExtra {
+                reason: rec.reason.map(Into::into),
+                metadata: rec.metadata.map(Into::into),
+                owner: rec.owner.map(Into::into),
+                executing: None,
+            }
+            .boxed(),
+        ));
+        let Restorer {
+            e,
+            tokens,
+            shared_keys,
+            ..
+        } = self;
+        let Some(lease) = e.leases.at(slot) else {
+            return Err(err("internal: added lease vanished"));
+        };
+        for h in &lease.locks {
+            tokens.push(h.fencing_token);
             let family = Family::of(h.kind);
-            let ks = match self.e.keys.entry(Arc::clone(&h.key)) {
+            let ks = match e.keys.entry(Arc::clone(&h.key)) {
                 Entry::Vacant(v) => {
-                    self.e.held_keys += 1;
+                    e.held_keys += 1;
                     v.insert(KeyState::new(family))
                 }
                 Entry::Occupied(o) => {
@@ -156,12 +191,12 @@ impl Restorer {
                         )));
                     }
                     if ks.holders.len() == 1 {
-                        self.shared_keys.push(Arc::clone(&h.key));
+                        shared_keys.push(Arc::clone(&h.key));
                     }
                     ks
                 }
             };
-            ks.holders.push(id);
+            ks.holders.push(slot);
             ks.held.add(h.kind);
             // Usage only grows while holders are added, so a conflict now is a conflict in
             // the whole state.
@@ -175,29 +210,6 @@ impl Restorer {
                 return Err(err(format!("key {} has conflicting holders", h.key)));
             }
         }
-        let expires_at_ms = rec.expires_at_ms.max(self.floor);
-        if expires_at_ms != rec.expires_at_ms {
-            self.e.dirty.leases.insert(id);
-        }
-        self.timers.push((expires_at_ms, id));
-        let holder = self.e.intern_holder(rec.holder);
-        self.e.leases.insert(
-            id,
-            Lease::new(
-                holder,
-                rec.ttl_ms,
-                expires_at_ms,
-                rec.created_at_ms,
-                locks,
-                LeaseExtra {
-                    reason: rec.reason.map(Into::into),
-                    metadata: rec.metadata.map(Into::into),
-                    owner: rec.owner.map(Into::into),
-                    executing: None,
-                }
-                .boxed(),
-            ),
-        );
         Ok(())
     }
 
@@ -239,15 +251,15 @@ impl Restorer {
             let Some(ks) = e.keys.get_mut(&key) else {
                 return Err(err("internal: shared key vanished"));
             };
-            let mut hs: Vec<(u64, LeaseId)> = Vec::with_capacity(ks.holders.len());
-            for id in ks.holders.iter() {
+            let mut hs: Vec<(u64, Slot)> = Vec::with_capacity(ks.holders.len());
+            for slot in ks.holders.iter() {
                 let token = e
                     .leases
-                    .get(id)
+                    .at(*slot)
                     .and_then(|l| l.lock(&key))
                     .map(|h| h.fencing_token)
                     .ok_or_else(|| err("internal: holder vanished"))?;
-                hs.push((token, *id));
+                hs.push((token, *slot));
             }
             hs.sort_unstable();
             ks.holders = Holders::None;
