@@ -215,14 +215,57 @@ pub enum Command {
     /// Inline mode: an inline command set a deadline earlier than the one the host thread
     /// sleeps until; recompute it.
     Wake,
+    /// A grant reached its handler's reply channel, but the handler was dropped (client gone)
+    /// before taking it: undo it.
+    UndoGrant {
+        /// The grant.
+        grant: Grant,
+    },
+    /// Like [`Command::UndoGrant`] for an idempotency execution's lease (`Started`): release it
+    /// (the engine frees the record for the next executor).
+    ReleaseOrphanLease {
+        /// The executor lease.
+        lease_id: LeaseId,
+    },
+}
+
+/// An answer that may hold something for its requester (a grant, an idempotency execution).
+/// If the requester's handler is dropped after the answer reached its reply channel but before
+/// it took it, [`EngineHandle::call_waiting`] asks the host to undo it, so it is not held until
+/// its TTL runs out.
+pub trait Undoable: Send + Sized + 'static {
+    /// The command that undoes this answer, if it holds anything.
+    fn undo(self) -> Option<Command>;
+}
+
+impl Undoable for Grant {
+    fn undo(self) -> Option<Command> {
+        Some(Command::UndoGrant { grant: self })
+    }
+}
+
+impl Undoable for IdempotencyOutcome {
+    fn undo(self) -> Option<Command> {
+        match self {
+            IdempotencyOutcome::Started(lease) => Some(Command::ReleaseOrphanLease {
+                lease_id: lease.lease_id,
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl Command {
-    /// Cancel, Shutdown and Wake bypass the queue bound (they must never be refused).
+    /// Cancel, Shutdown, Wake and the undos bypass the queue bound (they must never be
+    /// refused).
     fn counted(&self) -> bool {
         !matches!(
             self,
-            Command::Cancel { .. } | Command::Shutdown | Command::Wake
+            Command::Cancel { .. }
+                | Command::Shutdown
+                | Command::Wake
+                | Command::UndoGrant { .. }
+                | Command::ReleaseOrphanLease { .. }
         )
     }
 
@@ -245,6 +288,8 @@ impl Command {
                 | Command::IdemAbort { .. }
                 | Command::IdemGet { .. }
                 | Command::Cancel { .. }
+                | Command::UndoGrant { .. }
+                | Command::ReleaseOrphanLease { .. }
         )
     }
 }
@@ -319,12 +364,13 @@ impl EngineHandle {
     }
 
     /// Like [`EngineHandle::call`] for requests that may queue: if the returned future is
-    /// dropped before the answer (client disconnected), the waiter is cancelled. Waits at most
+    /// dropped before the answer (client disconnected), the waiter is cancelled, and an answer
+    /// that already reached the reply channel is undone ([`Undoable`]). Waits at most
     /// `wait_ms` plus a margin (the engine times waiters out itself; this is a backstop).
     ///
     /// # Errors
     /// As [`EngineHandle::call`].
-    pub async fn call_waiting<T>(
+    pub async fn call_waiting<T: Undoable>(
         &self,
         wait_ms: u64,
         make: impl FnOnce(u64, Reply<T>) -> Command,
@@ -335,10 +381,11 @@ impl EngineHandle {
         let mut guard = CancelOnDrop {
             handle: self,
             request_id,
+            rx,
             armed: true,
         };
         let backstop = Duration::from_millis(wait_ms.saturating_add(30_000));
-        let answer = tokio::time::timeout(backstop, rx).await;
+        let answer = tokio::time::timeout(backstop, &mut guard.rx).await;
         match answer {
             Ok(Ok(result)) => {
                 guard.armed = false;
@@ -363,18 +410,29 @@ fn lock_host(host: &Mutex<Host>) -> Option<MutexGuard<'_, Host>> {
     host.lock().ok()
 }
 
-struct CancelOnDrop<'a> {
+struct CancelOnDrop<'a, T: Undoable> {
     handle: &'a EngineHandle,
     request_id: u64,
+    rx: oneshot::Receiver<Result<T, ApiError>>,
     armed: bool,
 }
 
-impl Drop for CancelOnDrop<'_> {
+impl<T: Undoable> Drop for CancelOnDrop<'_, T> {
     fn drop(&mut self) {
-        if self.armed {
-            let _ = self.handle.send(Command::Cancel {
-                request_id: self.request_id,
-            });
+        if !self.armed {
+            return;
+        }
+        let _ = self.handle.send(Command::Cancel {
+            request_id: self.request_id,
+        });
+        // If the answer was already sent, the cancel found no waiter: take the answer and undo
+        // it. Closing first makes any later send fail, and the host undoes a failed delivery
+        // itself, so nothing slips between the two.
+        self.rx.close();
+        if let Ok(Ok(answer)) = self.rx.try_recv()
+            && let Some(undo) = answer.undo()
+        {
+            let _ = self.handle.send(undo);
         }
     }
 }
@@ -960,6 +1018,11 @@ impl Host {
                 // If cancel_wait found nothing, an answer is already on its way; its delivery
                 // will fail and be undone.
             }
+            Command::UndoGrant { grant } => self.engine.undo_grant(now, &grant),
+            Command::ReleaseOrphanLease { lease_id } => {
+                // Gone already (expired, force-released) is fine: nothing is held.
+                let _ = self.engine.release_lease(now, lease_id);
+            }
             Command::Shutdown | Command::Wake => {}
         }
     }
@@ -1153,5 +1216,170 @@ impl Host {
             tracing::error!(error = %e, "final flush failed");
         }
         tracing::info!("engine host stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The hand-off between the host and a dropped handler, made deterministic: the answer is
+    //! put in the reply channel, then the handler's future is dropped without being polled
+    //! again (what hyper does when it reads the client's EOF before polling the handler).
+
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use holdfast_core::{Limits, LockKind, LockSpec, NewLease};
+
+    use super::*;
+
+    fn host(durability: Durability, dir: &std::path::Path) -> EngineHandle {
+        let store = (durability != Durability::Memory)
+            .then(|| Store::open(dir, durability).expect("open store"));
+        let (handle, _thread) = spawn(HostParts {
+            engine: Engine::new(Limits::default()),
+            store,
+            durability,
+            async_flush_ms: 10,
+            clock: Clock::new(),
+            hub: Arc::new(EventHub::new(100, 1)),
+            counters: Arc::new(ServerCounters::default()),
+            exit_on_store_failure: false,
+            queue_max: 1_000,
+            leases_per_token_max: 1_000,
+            waiters_total_max: 1_000,
+        })
+        .expect("spawn host");
+        handle
+    }
+
+    fn acquire(holder: &str, key: &str, wait_ms: u64) -> AcquireRequest {
+        AcquireRequest {
+            target: LeaseTarget::New(NewLease {
+                lease_id: LeaseId(rand::random()),
+                holder: holder.to_owned(),
+                ttl_ms: 60_000,
+                reason: None,
+                metadata: None,
+                owner: None,
+            }),
+            locks: vec![LockSpec {
+                key: key.to_owned(),
+                kind: LockKind::Exclusive,
+                lock_delay_ms: 0,
+            }],
+            wait_ms,
+            reentrant: true,
+        }
+    }
+
+    async fn stats(h: &EngineHandle) -> StatsResponse {
+        h.call(|reply| Command::Stats { reply }).await.unwrap()
+    }
+
+    /// Polls `check` until it holds (the host may apply an undo on its own thread).
+    async fn eventually(h: &EngineHandle, what: &str, check: impl Fn(&StatsResponse) -> bool) {
+        for _ in 0..500 {
+            if check(&stats(h).await) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never true: {what}; stats: {:?}", stats(h).await);
+    }
+
+    async fn grant_in_the_channel_of_a_dropped_handler_is_undone(durability: Durability) {
+        let dir = tempfile::tempdir().unwrap();
+        let h = host(durability, dir.path());
+        let first = h
+            .call_waiting(0, |request_id, reply| Command::Acquire {
+                request: acquire("alice", "k", 0),
+                owner_check: None,
+                request_id,
+                reply,
+            })
+            .await
+            .unwrap();
+        let mut waiter = Box::pin(
+            h.call_waiting(60_000, |request_id, reply| Command::Acquire {
+                request: acquire("bob", "k", 60_000),
+                owner_check: None,
+                request_id,
+                reply,
+            }),
+        );
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(waiter.as_mut().poll(&mut cx).is_pending());
+        eventually(&h, "bob queued", |s| s.waiters == 1).await;
+        h.call(|reply| Command::ReleaseLease {
+            lease_id: first.lease.lease_id,
+            owner_check: None,
+            reply,
+        })
+        .await
+        .unwrap();
+        // The host delivers a batch's answers before it takes the next batch: once this
+        // answer is back, bob's grant sits in his reply channel.
+        let s = stats(&h).await;
+        assert_eq!(
+            (s.active_locks, s.waiters),
+            (1, 0),
+            "bob was granted: {s:?}"
+        );
+        drop(waiter);
+        eventually(&h, "the undelivered grant is released", |s| {
+            s.active_locks == 0 && s.leases == 0
+        })
+        .await;
+        // The key is free for the next caller at once.
+        let next = pin!(h.call_waiting(0, |request_id, reply| Command::Acquire {
+            request: acquire("carol", "k", 0),
+            owner_check: None,
+            request_id,
+            reply,
+        }));
+        assert!(next.await.is_ok());
+        h.shutdown();
+    }
+
+    #[tokio::test]
+    async fn memory_mode_undoes_a_grant_its_handler_never_took() {
+        grant_in_the_channel_of_a_dropped_handler_is_undone(Durability::Memory).await;
+    }
+
+    #[tokio::test]
+    async fn sync_mode_undoes_a_grant_its_handler_never_took() {
+        grant_in_the_channel_of_a_dropped_handler_is_undone(Durability::Sync).await;
+    }
+
+    #[tokio::test]
+    async fn a_dropped_waiter_that_was_not_granted_leaves_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = host(Durability::Sync, dir.path());
+        h.call_waiting(0, |request_id, reply| Command::Acquire {
+            request: acquire("alice", "k", 0),
+            owner_check: None,
+            request_id,
+            reply,
+        })
+        .await
+        .unwrap();
+        let mut waiter = Box::pin(
+            h.call_waiting(60_000, |request_id, reply| Command::Acquire {
+                request: acquire("bob", "k", 60_000),
+                owner_check: None,
+                request_id,
+                reply,
+            }),
+        );
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(waiter.as_mut().poll(&mut cx), Poll::Pending));
+        eventually(&h, "bob queued", |s| s.waiters == 1).await;
+        drop(waiter);
+        eventually(&h, "bob left the queue, alice still holds", |s| {
+            s.waiters == 0 && s.active_locks == 1 && s.leases == 1
+        })
+        .await;
+        h.shutdown();
     }
 }
