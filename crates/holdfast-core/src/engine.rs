@@ -10,7 +10,7 @@ use crate::error::{LockError, RestoreError};
 use crate::idempotency::{IdemEntry, IdemWaiter};
 use crate::idhash::{IdMap, IdSet};
 use crate::keys::{Family, KeyState, LockWaiter, Usage, WaitTarget};
-use crate::leases::{HeldLock, Lease, LeaseExtra, LeaseTable, Slot};
+use crate::leases::{HeldLock, HeldLocks, Lease, LeaseExtra, LeaseTable, Slot};
 use crate::limits::Limits;
 use crate::types::{
     AcquireOutcome, AcquireRequest, ChangeSet, DurableState, Event, EventKind, FencingCheck, Grant,
@@ -1019,7 +1019,7 @@ impl Engine {
             nl.ttl_ms,
             expires_at_ms,
             t,
-            Vec::new(),
+            HeldLocks::None,
             extra,
         ));
         self.lease_timers
@@ -1122,10 +1122,6 @@ impl Engine {
                 };
                 self.fencing_next += 1;
                 let view = h.view();
-                if lease.locks.capacity() == 0 {
-                    // Most leases hold one lock: no spare capacity.
-                    lease.locks.reserve_exact(1);
-                }
                 let family = Family::of(spec.kind);
                 match self.keys.get_mut(spec.key.as_str()) {
                     Some(ks) => {

@@ -9,7 +9,7 @@ use crate::engine::{Engine, LeaseTimer};
 use crate::error::RestoreError;
 use crate::idempotency::IdemEntry;
 use crate::keys::{Family, Holders, KeyState};
-use crate::leases::{HeldLock, Lease, LeaseExtra, Slot};
+use crate::leases::{HeldLock, HeldLocks, Lease, LeaseExtra, Slot};
 use crate::limits::Limits;
 use crate::types::{
     DurableState, IdempotencyRecord, IdempotencyState, LeaseId, LeaseRecord, LockKind, TimeMs,
@@ -156,7 +156,7 @@ impl Restorer {
             rec.ttl_ms,
             expires_at_ms,
             rec.created_at_ms,
-            locks,
+            HeldLocks::from_vec(locks),
             LeaseExtra {
                 reason: rec.reason.map(Into::into),
                 metadata: rec.metadata.map(Into::into),
