@@ -303,7 +303,9 @@ impl LockBuilder {
             .unwrap_or_default();
         let mut rng: StdRng = match self.rng_seed {
             Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
+            // Seeded from the thread's generator, not the OS: `from_os_rng` is a getrandom
+            // syscall on every acquisition (visible in the W1 client profile).
+            None => StdRng::from_rng(&mut rand::rng()),
         };
         let last_busy: Mutex<(String, Vec<HolderInfo>)> =
             Mutex::new((first_key.clone(), Vec::new()));
