@@ -13,7 +13,7 @@ use crate::adapters::postgres::PostgresSystem;
 use crate::adapters::redis::RedisSystem;
 use crate::procfs::{mem_sample, pid_listening_on, port_of};
 use crate::report::{Meta, Metrics, PeerInfo, RecoveryResult, Report, Row, Workload};
-use crate::server_process::{ServerProcess, ServerSpec, wait_ready};
+use crate::server_process::{ServerProcess, ServerSpec, ready_probe, wait_ready};
 use crate::workload::{self, Timing};
 
 /// The systems a run can measure.
@@ -721,14 +721,20 @@ async fn recovery<S: LockSystem>(
     );
     let (held, took) = acquire_with(&system, config.w4_clients, config.w4_locks).await?;
     let rss_kib_before_kill = mem_sample(server.pid()).map(|sample| sample.rss_kib);
-    // Kill, then forget the grants without releasing them.
+    // Kill, then forget the grants without releasing them, and close the dead connections
+    // before the restart is spawned: tearing down a million grants and the clients' tasks is
+    // the benchmark's own work and must not share the measured window with the restart.
     server.kill9();
     for holder in held {
         holder
             .grants
             .into_iter()
             .for_each(|(_, token)| S::Conn::abandon(token));
+        drop(holder.conn);
     }
+    drop(system);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let probe = ready_probe()?;
     let spec = ServerSpec {
         bin: bin.to_path_buf(),
         durability: "sync".to_owned(),
@@ -737,7 +743,7 @@ async fn recovery<S: LockSystem>(
         extra_args: holdfast_extra_args(config),
     };
     let mut restarted = ServerProcess::start(&spec)?;
-    let ready_at = wait_ready(&restarted.base_url, Duration::from_secs(600)).await?;
+    let ready_at = wait_ready(&probe, &restarted.base_url, Duration::from_secs(600)).await?;
     let restart_to_ready = ready_at - restarted.spawned_at;
     let recovered_locks = active_locks(&restarted.base_url).await.ok();
     restarted.stop(Duration::from_secs(10));

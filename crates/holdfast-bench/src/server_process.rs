@@ -142,12 +142,26 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Waits until `GET {base_url}/readyz` answers 200; returns when it did.
-pub async fn wait_ready(base_url: &str, timeout: Duration) -> anyhow::Result<Instant> {
-    let http = reqwest::Client::builder()
+/// The HTTP client [`wait_ready`] polls with.
+///
+/// # Errors
+/// The client could not be built.
+pub fn ready_probe() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
-        .context("reqwest client")?;
+        .context("reqwest client")
+}
+
+/// Waits until `GET {base_url}/readyz` answers 200; returns when it did.
+///
+/// `http` comes from [`ready_probe`], built before the server is spawned so that its setup is
+/// not part of a measured restart.
+pub async fn wait_ready(
+    http: &reqwest::Client,
+    base_url: &str,
+    timeout: Duration,
+) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + timeout;
     let url = format!("{base_url}/readyz");
     loop {
