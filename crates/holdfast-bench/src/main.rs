@@ -9,6 +9,13 @@ use holdfast_bench::report::Workload;
 use holdfast_bench::run::{Config, HoldfastTarget, HoldfastTransport, SystemId};
 use holdfast_bench::workload::Timing;
 
+/// mimalloc, as in the `holdfast` binary. With glibc's allocator, the first allocation after
+/// W4 dropped its million grants ran `malloc_consolidate` for ~1 s inside the restart being
+/// measured (seen with `perf`: the server was idle while the benchmark's readiness probe waited
+/// on its own allocator). The allocator serves every system's clients alike.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Side-by-side benchmark of holdfast against Redis, PostgreSQL advisory locks, MariaDB
 /// GET_LOCK and etcd v3 locks. Start the peers first: `bash scripts/bench-peers.sh start`.
 #[derive(Parser, Debug)]
