@@ -1226,7 +1226,7 @@ mod tests {
     //! again (what hyper does when it reads the client's EOF before polling the handler).
 
     use std::future::Future;
-    use std::pin::pin;
+    use std::pin::Pin;
     use std::task::{Context, Poll, Waker};
 
     use holdfast_core::{Limits, LockKind, LockSpec, NewLease};
@@ -1288,29 +1288,40 @@ mod tests {
         panic!("never true: {what}; stats: {:?}", stats(h).await);
     }
 
+    /// A handler's `call_waiting` for key `k`.
+    fn take_k<'h>(
+        h: &'h EngineHandle,
+        holder: &'static str,
+        wait_ms: u64,
+    ) -> impl Future<Output = Result<Grant, ApiError>> + 'h {
+        h.call_waiting(wait_ms, move |request_id, reply| Command::Acquire {
+            request: acquire(holder, "k", wait_ms),
+            owner_check: None,
+            request_id,
+            reply,
+        })
+    }
+
+    /// alice holds `k`; bob's request is queued behind her, its handler polled once and then
+    /// left alone (the caller drops it when the test needs).
+    async fn alice_holds_and_bob_waits(
+        h: &EngineHandle,
+    ) -> (
+        Grant,
+        Pin<Box<impl Future<Output = Result<Grant, ApiError>> + '_>>,
+    ) {
+        let first = take_k(h, "alice", 0).await.unwrap();
+        let mut waiter = Box::pin(take_k(h, "bob", 60_000));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(waiter.as_mut().poll(&mut cx), Poll::Pending));
+        eventually(h, "bob queued", |s| s.waiters == 1).await;
+        (first, waiter)
+    }
+
     async fn grant_in_the_channel_of_a_dropped_handler_is_undone(durability: Durability) {
         let dir = tempfile::tempdir().unwrap();
         let h = host(durability, dir.path());
-        let first = h
-            .call_waiting(0, |request_id, reply| Command::Acquire {
-                request: acquire("alice", "k", 0),
-                owner_check: None,
-                request_id,
-                reply,
-            })
-            .await
-            .unwrap();
-        let mut waiter = Box::pin(
-            h.call_waiting(60_000, |request_id, reply| Command::Acquire {
-                request: acquire("bob", "k", 60_000),
-                owner_check: None,
-                request_id,
-                reply,
-            }),
-        );
-        let mut cx = Context::from_waker(Waker::noop());
-        assert!(waiter.as_mut().poll(&mut cx).is_pending());
-        eventually(&h, "bob queued", |s| s.waiters == 1).await;
+        let (first, waiter) = alice_holds_and_bob_waits(&h).await;
         h.call(|reply| Command::ReleaseLease {
             lease_id: first.lease.lease_id,
             owner_check: None,
@@ -1332,13 +1343,7 @@ mod tests {
         })
         .await;
         // The key is free for the next caller at once.
-        let next = pin!(h.call_waiting(0, |request_id, reply| Command::Acquire {
-            request: acquire("carol", "k", 0),
-            owner_check: None,
-            request_id,
-            reply,
-        }));
-        assert!(next.await.is_ok());
+        assert!(take_k(&h, "carol", 0).await.is_ok());
         h.shutdown();
     }
 
@@ -1356,25 +1361,7 @@ mod tests {
     async fn a_dropped_waiter_that_was_not_granted_leaves_the_queue() {
         let dir = tempfile::tempdir().unwrap();
         let h = host(Durability::Sync, dir.path());
-        h.call_waiting(0, |request_id, reply| Command::Acquire {
-            request: acquire("alice", "k", 0),
-            owner_check: None,
-            request_id,
-            reply,
-        })
-        .await
-        .unwrap();
-        let mut waiter = Box::pin(
-            h.call_waiting(60_000, |request_id, reply| Command::Acquire {
-                request: acquire("bob", "k", 60_000),
-                owner_check: None,
-                request_id,
-                reply,
-            }),
-        );
-        let mut cx = Context::from_waker(Waker::noop());
-        assert!(matches!(waiter.as_mut().poll(&mut cx), Poll::Pending));
-        eventually(&h, "bob queued", |s| s.waiters == 1).await;
+        let (_, waiter) = alice_holds_and_bob_waits(&h).await;
         drop(waiter);
         eventually(&h, "bob left the queue, alice still holds", |s| {
             s.waiters == 0 && s.active_locks == 1 && s.leases == 1
