@@ -208,6 +208,7 @@ impl ClientBuilder {
                 request_timeout: self.request_timeout,
                 server_wait_max: self.server_wait_max,
                 holder: self.holder.unwrap_or_else(default_holder),
+                renewals: crate::schedule::Scheduler::default(),
             }),
         })
     }
@@ -239,6 +240,8 @@ struct Inner {
     request_timeout: Duration,
     server_wait_max: Duration,
     holder: String,
+    /// First renewals of this client's guards (see `schedule`).
+    renewals: crate::schedule::Scheduler,
 }
 
 /// A holdfast client: cheap to clone (shares one connection pool).
@@ -268,6 +271,11 @@ pub struct IdempotencyBegun {
 }
 
 impl Client {
+    /// The queue of this client's guards' first renewals.
+    pub(crate) fn renewals(&self) -> &crate::schedule::Scheduler {
+        &self.inner.renewals
+    }
+
     /// A client of `base_url` with default timeouts and no token.
     ///
     /// # Errors

@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use holdfast_api::{AddLocksRequest, LeaseResponse, LockRequest};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::client::Client;
 use crate::error::ClientError;
+use crate::schedule::Scheduled;
 
 /// Why a lock is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,7 +173,7 @@ pub struct LockGuard {
     joined: bool,
     context: LockContext,
     status_tx: Arc<watch::Sender<LeaseStatus>>,
-    renewal: Option<JoinHandle<()>>,
+    renewal: Option<Scheduled>,
     done: bool,
 }
 
@@ -201,7 +201,7 @@ impl LockGuard {
             })
             .collect();
         let held: SharedLocks = Arc::new(std::sync::Mutex::new(tokens));
-        let (renewal, status_tx, status) = spawn_renewal(
+        let (renewal, status_tx, status) = schedule_renewal(
             client.clone(),
             lease.lease_id.clone(),
             &lease,
@@ -361,8 +361,8 @@ impl LockGuard {
     #[must_use]
     pub fn detach(mut self) -> LeaseResponse {
         self.done = true;
-        if let Some(task) = self.renewal.take() {
-            task.abort();
+        if let Some(renewal) = self.renewal.take() {
+            renewal.cancel();
         }
         self.lease.clone()
     }
@@ -374,8 +374,8 @@ impl LockGuard {
     /// TTL).
     pub async fn release(mut self) -> Result<(), ClientError> {
         self.done = true;
-        if let Some(task) = self.renewal.take() {
-            task.abort();
+        if let Some(renewal) = self.renewal.take() {
+            renewal.cancel();
         }
         let lost = match &self.status_tx.borrow().health {
             Health::Lost(reason) => Some(reason.clone()),
@@ -420,8 +420,8 @@ async fn release_lease(
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if let Some(task) = self.renewal.take() {
-            task.abort();
+        if let Some(renewal) = self.renewal.take() {
+            renewal.cancel();
         }
         if self.done {
             return;
@@ -442,9 +442,10 @@ impl Drop for LockGuard {
     }
 }
 
-/// Start the renewal task of a lease. Returns the task, the status sender (shared with the
-/// guard, which marks a release) and a receiver.
-pub(crate) fn spawn_renewal(
+/// Schedule the renewals of a lease (its loop is spawned when the first renewal is due; see
+/// `schedule`). Returns the scheduled entry (cancel it to stop renewing), the status sender
+/// (shared with the guard, which marks a release) and a receiver.
+pub(crate) fn schedule_renewal(
     client: Client,
     lease_id: String,
     lease: &LeaseResponse,
@@ -452,7 +453,7 @@ pub(crate) fn spawn_renewal(
     keys: SharedLocks,
     renew_every: Option<Duration>,
 ) -> (
-    JoinHandle<()>,
+    Scheduled,
     Arc<watch::Sender<LeaseStatus>>,
     watch::Receiver<LeaseStatus>,
 ) {
@@ -467,10 +468,23 @@ pub(crate) fn spawn_renewal(
     let interval = renew_every
         .unwrap_or(ttl / 3)
         .max(Duration::from_millis(10));
-    let task = tokio::spawn(renew_loop(
-        client, lease_id, ttl, interval, keys, deadline, task_tx,
-    ));
-    (task, tx, rx)
+    // The acquisition may have waited: renew early if the certain part of the TTL is short.
+    let first = deadline
+        .checked_sub(ttl)
+        .map_or_else(Instant::now, |start| start + interval);
+    let scheduled = client.renewals().schedule(
+        first,
+        Box::pin(renew_loop(
+            client.clone(),
+            lease_id,
+            ttl,
+            interval,
+            keys,
+            deadline,
+            task_tx,
+        )),
+    );
+    (scheduled, tx, rx)
 }
 
 async fn renew_loop(
@@ -483,10 +497,8 @@ async fn renew_loop(
     tx: Arc<watch::Sender<LeaseStatus>>,
 ) {
     let retry_every = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    // The acquisition may have waited: renew early if the certain part of the TTL is short.
-    let mut next = deadline
-        .checked_sub(ttl)
-        .map_or_else(Instant::now, |start| start + interval);
+    // Spawned when the first renewal is due.
+    let mut next = Instant::now();
     let mut failures = 0u32;
     loop {
         tokio::time::sleep_until(next).await;

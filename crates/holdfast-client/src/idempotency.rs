@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::client::{Client, duration_ms};
 use crate::error::ClientError;
-use crate::guard::spawn_renewal;
+use crate::guard::schedule_renewal;
 
 /// Default time a duplicate waits for an in-progress twin.
 pub const IDEMPOTENCY_WAIT_DEFAULT: Duration = Duration::from_secs(60);
@@ -172,7 +172,7 @@ impl Idempotent {
             metadata: None,
             locks: Vec::new(),
         };
-        let (renewal, _tx, _rx) = spawn_renewal(
+        let (renewal, _tx, _rx) = schedule_renewal(
             self.client.clone(),
             lease_id.clone(),
             &as_lease,
@@ -181,7 +181,7 @@ impl Idempotent {
             None,
         );
         let outcome = AssertUnwindSafe(operation()).catch_unwind().await;
-        renewal.abort();
+        renewal.cancel();
         match outcome {
             Ok(Ok(result)) => {
                 self.client

@@ -51,6 +51,7 @@ pub mod guard;
 pub mod idempotency;
 pub mod lock;
 pub mod retry;
+mod schedule;
 mod wire;
 
 pub use client::{

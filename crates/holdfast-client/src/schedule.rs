@@ -1,0 +1,309 @@
+//! The renewal scheduler of one [`crate::Client`]: a guard's renewal task is spawned only when
+//! its first renewal is due.
+//!
+//! Why: most locks are held for far less than a third of their TTL. Spawning a task per guard
+//! (allocate, poll it once to arm its timer, abort it, poll it again to cancel) cost more than
+//! the rest of an uncontended acquire+release on the client side. Instead a guard puts its
+//! first renewal in this per-client queue (a `BTreeMap` insert under a mutex) and takes it out
+//! on release; one driver task per client sleeps until the earliest first renewal and only
+//! then spawns the guard's renewal loop, which runs as before from there on.
+//!
+//! The driver is woken (a `Notify`) only when a new entry is due before the instant it already
+//! sleeps to; while the queue is empty it still wakes every [`IDLE_TICK`], so that a queue that
+//! keeps becoming empty between two locks (one lock at a time, the common case) does not wake
+//! it for every lock. After [`IDLE_TICKS_BEFORE_PARK`] empty ticks it parks until the next
+//! entry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How often an idle driver re-checks its queue.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+/// Empty ticks before an idle driver parks (waits for a notification only).
+const IDLE_TICKS_BEFORE_PARK: u32 = 60;
+
+/// A renewal loop, ready to be spawned when its first renewal is due.
+pub(crate) type RenewalJob = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The per-client queue of first renewals.
+#[derive(Default)]
+pub(crate) struct Scheduler {
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    /// First renewals not yet due, by due instant.
+    due: BTreeMap<(Instant, u64), RenewalJob>,
+    /// Renewal loops already spawned, by entry id (removed by their guard).
+    running: HashMap<u64, JoinHandle<()>>,
+    /// The instant the driver sleeps to; `None` if parked (or not started).
+    target: Option<Instant>,
+    driver: Option<JoinHandle<()>>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.shared.lock();
+        f.debug_struct("Scheduler")
+            .field("due", &state.due.len())
+            .field("running", &state.running.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A scheduled renewal; [`Scheduled::cancel`] (or dropping it) stops it wherever it is.
+#[derive(Debug)]
+pub(crate) struct Scheduled {
+    shared: Arc<Shared>,
+    key: (Instant, u64),
+}
+
+impl Scheduled {
+    /// Take the renewal out of the queue, or abort its loop if it already runs.
+    pub(crate) fn cancel(&self) {
+        let (job, task) = {
+            let mut state = self.shared.lock();
+            (
+                state.due.remove(&self.key),
+                state.running.remove(&self.key.1),
+            )
+        };
+        // Dropped outside the lock: a job owns a `Client`, whose drop may close the scheduler.
+        drop(job);
+        if let Some(task) = task {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Scheduled {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared")
+    }
+}
+
+impl Scheduler {
+    /// Run `job` from `at` on (spawned on the current runtime then), unless cancelled first.
+    /// Must be called inside a tokio runtime.
+    pub(crate) fn schedule(&self, at: Instant, job: RenewalJob) -> Scheduled {
+        let mut state = self.shared.lock();
+        state.next_id += 1;
+        let key = (at, state.next_id);
+        state.due.insert(key, job);
+        let driver_alive = state.driver.as_ref().is_some_and(|d| !d.is_finished());
+        if !driver_alive {
+            // First use, or the runtime that ran the driver is gone.
+            state.target = Some(at);
+            state.driver = Some(tokio::spawn(drive(Arc::clone(&self.shared))));
+        } else if state.target.is_none_or(|t| at < t) {
+            state.target = Some(at);
+            self.shared.wake.notify_one();
+        }
+        drop(state);
+        Scheduled {
+            shared: Arc::clone(&self.shared),
+            key,
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        let (jobs, running, driver) = {
+            let mut state = self.shared.lock();
+            state.closed = true;
+            (
+                std::mem::take(&mut state.due),
+                std::mem::take(&mut state.running),
+                state.driver.take(),
+            )
+        };
+        drop(jobs);
+        for task in running.into_values() {
+            task.abort();
+        }
+        if let Some(driver) = driver {
+            driver.abort();
+        }
+    }
+}
+
+/// The driver: spawns each job when it is due.
+async fn drive(shared: Arc<Shared>) {
+    let mut idle_ticks = 0u32;
+    loop {
+        let now = Instant::now();
+        let next = {
+            let mut state = shared.lock();
+            if state.closed {
+                return;
+            }
+            let later = state.due.split_off(&(now, u64::MAX));
+            let ready = std::mem::replace(&mut state.due, later);
+            for ((_, id), job) in ready {
+                state.running.insert(id, tokio::spawn(job));
+            }
+            let next = if let Some(((at, _), _)) = state.due.first_key_value() {
+                idle_ticks = 0;
+                Some(*at)
+            } else if idle_ticks < IDLE_TICKS_BEFORE_PARK {
+                idle_ticks += 1;
+                Some(now + IDLE_TICK)
+            } else {
+                None
+            };
+            state.target = next;
+            next
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = shared.wake.notified() => {}
+                }
+            }
+            None => shared.wake.notified().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn counting_job(count: &Arc<AtomicU32>) -> RenewalJob {
+        let count = Arc::clone(count);
+        Box::pin(async move {
+            count.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_runs_when_due_and_not_before() {
+        let scheduler = Scheduler::default();
+        let runs = Arc::new(AtomicU32::new(0));
+        let _entry = scheduler.schedule(
+            Instant::now() + Duration::from_secs(10),
+            counting_job(&runs),
+        );
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        settle().await;
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "ran before it was due");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_job_wakes_a_driver_sleeping_to_a_later_one() {
+        let scheduler = Scheduler::default();
+        let late = Arc::new(AtomicU32::new(0));
+        let early = Arc::new(AtomicU32::new(0));
+        let _late = scheduler.schedule(
+            Instant::now() + Duration::from_secs(100),
+            counting_job(&late),
+        );
+        settle().await;
+        let _early = scheduler.schedule(
+            Instant::now() + Duration::from_millis(50),
+            counting_job(&early),
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        settle().await;
+        assert_eq!(early.load(Ordering::SeqCst), 1);
+        assert_eq!(late.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_job_never_runs() {
+        let scheduler = Scheduler::default();
+        let runs = Arc::new(AtomicU32::new(0));
+        let entry = scheduler.schedule(
+            Instant::now() + Duration::from_millis(100),
+            counting_job(&runs),
+        );
+        entry.cancel();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        assert!(scheduler.shared.lock().due.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_scheduled_after_the_driver_parked_still_runs() {
+        let scheduler = Scheduler::default();
+        let runs = Arc::new(AtomicU32::new(0));
+        drop(scheduler.schedule(Instant::now(), counting_job(&runs)));
+        // Let the driver go through its idle ticks and park.
+        tokio::time::sleep(IDLE_TICK * (IDLE_TICKS_BEFORE_PARK + 5)).await;
+        settle().await;
+        assert!(
+            scheduler.shared.lock().target.is_none(),
+            "driver not parked"
+        );
+        let _entry =
+            scheduler.schedule(Instant::now() + Duration::from_secs(5), counting_job(&runs));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        settle().await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelling_a_running_job_aborts_it() {
+        let scheduler = Scheduler::default();
+        let started = Arc::new(AtomicU32::new(0));
+        let finished = Arc::new(AtomicU32::new(0));
+        let (s, f) = (Arc::clone(&started), Arc::clone(&finished));
+        let entry = scheduler.schedule(
+            Instant::now(),
+            Box::pin(async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                f.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        settle().await;
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+        entry.cancel();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        settle().await;
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+    }
+}
