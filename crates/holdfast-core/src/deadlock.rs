@@ -236,8 +236,8 @@ impl Engine {
         self.emit(
             t,
             crate::types::EventKind::Deadlock,
-            Some(key),
-            &holder,
+            Some(key.into()),
+            holder.into(),
             Some(kind),
             None,
             None,

@@ -99,8 +99,9 @@ pub struct Engine {
     pub(crate) next_waiter_id: u64,
     pub(crate) leases: LeaseTable,
     pub(crate) keys: HashMap<Arc<str>, KeyState>,
-    /// Holder names of live leases, each stored once and shared by its leases.
-    pub(crate) holder_names: HashSet<Arc<str>>,
+    /// Holder names of live leases, each stored once and shared by its leases (and by
+    /// events), with the number of live leases using it.
+    pub(crate) holder_names: HashMap<Arc<str>, u32>,
     pub(crate) waiters: IdMap<WaiterId, LockWaiter>,
     pub(crate) idem: HashMap<Box<str>, IdemEntry>,
     pub(crate) idem_waiters: IdMap<WaiterId, IdemWaiter>,
@@ -138,7 +139,7 @@ impl Engine {
             next_waiter_id: 1,
             leases: LeaseTable::default(),
             keys: HashMap::new(),
-            holder_names: HashSet::new(),
+            holder_names: HashMap::new(),
             waiters: IdMap::default(),
             idem: HashMap::new(),
             idem_waiters: IdMap::default(),
@@ -271,13 +272,13 @@ impl Engine {
             return Err(LockError::LeaseNotFound { lease_id });
         };
         let ttl = ttl_ms.unwrap_or(lease.ttl_ms);
-        let holder = lease.holder.to_string();
+        let holder = Arc::clone(&lease.holder);
         self.set_expiry(lease_id, ttl, now);
         self.emit(
             now,
             EventKind::Renewed,
             None,
-            &holder,
+            holder,
             None,
             None,
             None,
@@ -339,14 +340,12 @@ impl Engine {
                 continue;
             };
             if let Some(held) = self.take_lock(id, key) {
-                let holder = self.leases.get(&id).map(|l| l.holder.to_string());
+                let holder = self
+                    .leases
+                    .get(&id)
+                    .map_or_else(|| Arc::from(""), |l| Arc::clone(&l.holder));
                 self.dirty.leases.insert(id);
-                self.after_unhold(
-                    now,
-                    &holder.unwrap_or_default(),
-                    &held,
-                    &Removal::Forced(reason.to_owned()),
-                );
+                self.after_unhold(now, &holder, &held, &Removal::Forced(reason.to_owned()));
                 self.recheck_pending(id, key, now);
                 out.push(self.lease_view_of(id));
             }
@@ -396,6 +395,19 @@ impl Engine {
     /// Events produced since the last call, in sequence order.
     pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
+    }
+
+    /// Forget the durable changes since the last call without building their records, for a
+    /// host that persists nothing (building a [`ChangeSet`] copies every touched lease). Calls
+    /// `touched` once per lease changed since the last call, with its owner (`Some(owner)`) if
+    /// it lives, `None` if it is gone.
+    pub fn discard_changes(&mut self, mut touched: impl FnMut(LeaseId, Option<Option<&str>>)) {
+        let dirty = std::mem::take(&mut self.dirty);
+        self.dirty.fencing_taken = self.fencing_next;
+        self.dirty.seq_taken = self.event_seq_next;
+        for id in dirty.leases {
+            touched(id, self.leases.get(&id).map(Lease::owner));
+        }
     }
 
     /// Durable changes since the last call.
@@ -686,8 +698,8 @@ impl Engine {
         &mut self,
         at_ms: TimeMs,
         kind: EventKind,
-        key: Option<&str>,
-        holder: impl Into<String>,
+        key: Option<Arc<str>>,
+        holder: Arc<str>,
         lock_kind: Option<LockKind>,
         fencing_token: Option<u64>,
         held_ms: Option<u64>,
@@ -699,8 +711,8 @@ impl Engine {
             seq,
             at_ms,
             kind,
-            key: key.map(str::to_owned),
-            holder: holder.into(),
+            key,
+            holder,
             lock_kind,
             fencing_token,
             held_ms,
@@ -937,8 +949,8 @@ impl Engine {
             self.emit(
                 now,
                 EventKind::Deadlock,
-                Some(&blocked_key),
-                &holder,
+                Some(blocked_key.as_str().into()),
+                holder.as_str().into(),
                 Some(blocked_kind),
                 None,
                 None,
@@ -1146,12 +1158,13 @@ impl Engine {
                 view
             }
         };
-        let holder = String::from(&*lease.holder);
+        let holder = Arc::clone(&lease.holder);
+        let key = lease.lock(&spec.key).map(|h| Arc::clone(&h.key));
         self.counters.grants += 1;
         self.emit(
             t,
             EventKind::Granted,
-            Some(&spec.key),
+            key,
             holder,
             Some(view.kind),
             Some(view.fencing_token),
@@ -1302,8 +1315,8 @@ impl Engine {
             self.emit(
                 t,
                 EventKind::TimedOut,
-                Some(&first_key),
-                &holder,
+                Some(first_key.into()),
+                holder.into(),
                 Some(kind),
                 None,
                 None,
@@ -1343,7 +1356,7 @@ impl Engine {
     }
 
     /// Event, lock-delay and queue wake-up after a lock left its holder.
-    fn after_unhold(&mut self, t: TimeMs, holder: &str, held: &HeldLock, how: &Removal) {
+    fn after_unhold(&mut self, t: TimeMs, holder: &Arc<str>, held: &HeldLock, how: &Removal) {
         let kind = match how {
             Removal::Released => {
                 self.counters.releases += 1;
@@ -1357,8 +1370,8 @@ impl Engine {
         self.emit(
             t,
             kind,
-            Some(&held.key),
-            holder,
+            Some(Arc::clone(&held.key)),
+            Arc::clone(holder),
             Some(held.kind),
             Some(held.fencing_token),
             Some(t.saturating_sub(held.acquired_at_ms)),
@@ -1416,20 +1429,24 @@ impl Engine {
             return Ok(());
         }
         let held = lease.locks.remove(i);
-        let holder = lease.holder.to_string();
+        let holder = Arc::clone(&lease.holder);
         self.unhold(slot, &held);
         self.after_unhold(t, &holder, &held, &Removal::Released);
         self.recheck_pending(id, key, t);
         Ok(())
     }
 
-    /// The shared copy of a holder name (stored once however many leases it has).
+    /// The shared copy of a holder name (stored once however many leases it has), for a new
+    /// lease: counts one more lease using it.
     pub(crate) fn intern_holder(&mut self, name: String) -> Arc<str> {
-        if let Some(shared) = self.holder_names.get(name.as_str()) {
-            return Arc::clone(shared);
+        if let Some(leases) = self.holder_names.get_mut(name.as_str()) {
+            *leases += 1;
+            if let Some((shared, _)) = self.holder_names.get_key_value(name.as_str()) {
+                return Arc::clone(shared);
+            }
         }
         let shared: Arc<str> = name.into();
-        self.holder_names.insert(Arc::clone(&shared));
+        self.holder_names.insert(Arc::clone(&shared), 1);
         shared
     }
 
@@ -1437,9 +1454,12 @@ impl Engine {
     /// execution it ran returns to free.
     pub(crate) fn remove_lease(&mut self, id: LeaseId, t: TimeMs, how: &Removal) -> Option<Lease> {
         let (slot, lease) = self.leases.remove(&id)?;
-        // The name is dropped from the table with its last lease (this one, and the table).
-        if Arc::strong_count(&lease.holder) == 2 {
-            self.holder_names.remove(&lease.holder);
+        // The name is dropped from the table with its last lease.
+        if let Some(leases) = self.holder_names.get_mut(&lease.holder) {
+            *leases -= 1;
+            if *leases == 0 {
+                self.holder_names.remove(&lease.holder);
+            }
         }
         self.lease_timers
             .remove(&LeaseTimer::new(lease.expires_at_ms, id));

@@ -1,7 +1,7 @@
 //! `check_invariants`: every rule of the crate documentation plus the consistency of the
 //! internal indexes, recomputed from scratch (O(state); for tests and simulation).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::engine::{Engine, demand};
 use crate::keys::{Family, Usage, WaitTarget};
@@ -95,20 +95,23 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             );
         }
     }
+    let mut leases_per_name: HashMap<&str, u32> = HashMap::new();
     for (_, lease) in e.leases.iter() {
         let id = lease.id();
         ensure!(
             e.holder_names
-                .get(&*lease.holder)
-                .is_some_and(|n| std::sync::Arc::ptr_eq(n, &lease.holder)),
+                .get_key_value(&*lease.holder)
+                .is_some_and(|(n, _)| std::sync::Arc::ptr_eq(n, &lease.holder)),
             "lease {id} holder {} is not the interned name",
             lease.holder
         );
+        *leases_per_name.entry(&lease.holder).or_default() += 1;
     }
-    for name in &e.holder_names {
+    for (name, &count) in &e.holder_names {
         ensure!(
-            std::sync::Arc::strong_count(name) >= 2,
-            "holder name {name} is kept without a lease"
+            leases_per_name.get(&**name) == Some(&count),
+            "holder name {name} counts {count} leases, {} live",
+            leases_per_name.get(&**name).copied().unwrap_or(0)
         );
     }
     ensure!(

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -412,10 +413,11 @@ pub struct Event {
     pub at_ms: TimeMs,
     /// What happened.
     pub kind: EventKind,
-    /// The key concerned (absent for lease-wide events such as `Renewed`).
-    pub key: Option<String>,
-    /// Holder concerned.
-    pub holder: String,
+    /// The key concerned (absent for lease-wide events such as `Renewed`). Shared with the
+    /// engine's key table: an event costs no copy of the key.
+    pub key: Option<Arc<str>>,
+    /// Holder concerned (shared with the lease's interned holder name).
+    pub holder: Arc<str>,
     /// Lock kind concerned, if any.
     pub lock_kind: Option<LockKind>,
     /// Fencing token concerned, if any.

@@ -611,6 +611,35 @@ fn changes_track_durable_state() {
 }
 
 #[test]
+fn discarded_changes_report_each_lease_once_and_leave_nothing_to_take() {
+    let mut e = Engine::default();
+    let mut owned = req_new(2, "b", vec![x("k2")], 0);
+    if let LeaseTarget::New(nl) = &mut owned.target {
+        nl.owner = Some("tok-1".to_owned());
+    }
+    granted(acq(&mut e, 0, req_new(1, "a", vec![x("k1")], 0)));
+    granted(acq(&mut e, 0, owned));
+    e.renew(1, lid(1), None).unwrap();
+    let mut seen = Vec::new();
+    e.discard_changes(|id, state| seen.push((id, state.map(|o| o.map(str::to_owned)))));
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (lid(1), Some(None)),
+            (lid(2), Some(Some("tok-1".to_owned())))
+        ]
+    );
+    // Nothing left over for a later take: counters and leases were consumed.
+    assert!(e.take_changes().is_empty());
+    e.release_lease(2, lid(2)).unwrap();
+    let mut seen = Vec::new();
+    e.discard_changes(|id, state| seen.push((id, state.is_some())));
+    assert_eq!(seen, vec![(lid(2), false)]);
+    assert!(e.take_changes().is_empty());
+}
+
+#[test]
 fn listing_by_prefix_and_holder() {
     let mut e = Engine::default();
     granted(acq(

@@ -1056,26 +1056,8 @@ impl Host {
 
     fn track_owners(&mut self, changes: &ChangeSet) {
         for (id, record) in &changes.leases {
-            match record {
-                Some(r) => {
-                    if let Some(o) = &r.owner
-                        && !self.owners.contains_key(id)
-                    {
-                        *self.owner_counts.entry(o.clone()).or_default() += 1;
-                        self.owners.insert(*id, Some(o.clone()));
-                    }
-                }
-                None => {
-                    if let Some(Some(o)) = self.owners.remove(id)
-                        && let Some(n) = self.owner_counts.get_mut(&o)
-                    {
-                        *n = n.saturating_sub(1);
-                        if *n == 0 {
-                            self.owner_counts.remove(&o);
-                        }
-                    }
-                }
-            }
+            let state = record.as_ref().map(|r| r.owner.as_deref());
+            track_owner(&mut self.owners, &mut self.owner_counts, *id, state);
         }
     }
 
@@ -1121,7 +1103,15 @@ impl Host {
                     }
                 }
             }
-            let changes = self.engine.take_changes();
+            let changes = if self.store.is_some() {
+                self.engine.take_changes()
+            } else {
+                // Nothing is persisted: skip building the change records.
+                let (owners, counts) = (&mut self.owners, &mut self.owner_counts);
+                self.engine
+                    .discard_changes(|id, state| track_owner(owners, counts, id, state));
+                ChangeSet::default()
+            };
             let events = self.engine.take_events();
             if !changes.is_empty() {
                 self.track_owners(&changes);
@@ -1216,6 +1206,35 @@ impl Host {
             tracing::error!(error = %e, "final flush failed");
         }
         tracing::info!("engine host stopped");
+    }
+}
+
+/// Keep the per-owner lease counts (quota checks) up to date with one touched lease: `state`
+/// is `Some(owner)` if the lease lives, `None` if it is gone.
+fn track_owner(
+    owners: &mut HashMap<LeaseId, Option<String>>,
+    owner_counts: &mut HashMap<String, u64>,
+    id: LeaseId,
+    state: Option<Option<&str>>,
+) {
+    match state {
+        Some(Some(o)) => {
+            if !owners.contains_key(&id) {
+                *owner_counts.entry(o.to_owned()).or_default() += 1;
+                owners.insert(id, Some(o.to_owned()));
+            }
+        }
+        Some(None) => {}
+        None => {
+            if let Some(Some(o)) = owners.remove(&id)
+                && let Some(n) = owner_counts.get_mut(&o)
+            {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    owner_counts.remove(&o);
+                }
+            }
+        }
     }
 }
 

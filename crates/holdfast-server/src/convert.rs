@@ -159,8 +159,8 @@ pub fn event_body(e: &Event) -> EventBody {
         seq: e.seq,
         kind: event_kind_name(&e.kind).to_owned(),
         at_ms: e.at_ms,
-        key: e.key.clone(),
-        holder: e.holder.clone(),
+        key: e.key.as_deref().map(str::to_owned),
+        holder: e.holder.to_string(),
         mode: e.lock_kind.as_ref().map(|k| mode_of(k).0),
         fencing_token: e.fencing_token,
         reason: match &e.kind {

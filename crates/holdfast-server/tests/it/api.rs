@@ -494,7 +494,7 @@ async fn overloaded_waiters_per_key_and_leases_per_token() {
     assert_eq!(body["error"], "overloaded");
     assert_error(&waiter.await.unwrap(), 409, "wait_timeout");
     // Quota: 2 leases per token.
-    s.acquire("a", &["q1"]).await;
+    let q1 = s.acquire("a", &["q1"]).await;
     let answer = s
         .post(
             "/v1/leases",
@@ -508,6 +508,11 @@ async fn overloaded_waiters_per_key_and_leases_per_token() {
             .unwrap()
             .contains("leases_per_token_max")
     );
+    // A released lease no longer counts.
+    let q1_id = q1["lease_id"].as_str().unwrap();
+    let (status, body) = s.delete(&format!("/v1/leases/{q1_id}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    s.acquire("a", &["q2"]).await;
     owner.shutdown().await;
 }
 
