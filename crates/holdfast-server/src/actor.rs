@@ -1219,9 +1219,9 @@ fn track_owner(
 ) {
     match state {
         Some(Some(o)) => {
-            if !owners.contains_key(&id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = owners.entry(id) {
                 *owner_counts.entry(o.to_owned()).or_default() += 1;
-                owners.insert(id, Some(o.to_owned()));
+                slot.insert(Some(o.to_owned()));
             }
         }
         Some(None) => {}
