@@ -111,7 +111,7 @@ impl Engine {
                 }
                 Some((id, lease.lock(&spec.key)?.kind))
             });
-            match ks.family {
+            match ks.family() {
                 Family::ReadWrite => {
                     for (h, kind) in others {
                         if conflicts(d, kind) {

@@ -769,7 +769,7 @@ impl Engine {
         if ks.delayed() {
             return false;
         }
-        let mut holders = ks.held;
+        let mut holders = ks.held();
         if let Some(h) = held {
             holders.sub(h.kind);
         }
@@ -864,7 +864,7 @@ impl Engine {
         for (i, spec) in request.locks.iter().enumerate() {
             if let Some(ks) = self.keys.get(spec.key.as_str())
                 && ks.in_use()
-                && ks.family != Family::of(spec.kind)
+                && ks.family() != Family::of(spec.kind)
             {
                 return Err(LockError::LimitMismatch {
                     key: spec.key.clone(),
@@ -972,7 +972,7 @@ impl Engine {
                 .entry(spec.key.as_str().into())
                 .or_insert_with(|| KeyState::new(family));
             if !ks.in_use() {
-                ks.family = family;
+                ks.set_family(family);
             }
             ks.queue.push_back(id);
         }
@@ -1110,8 +1110,8 @@ impl Engine {
                     h.fencing_token = self.fencing_next;
                     self.fencing_next += 1;
                     if let Some(ks) = self.keys.get_mut(spec.key.as_str()) {
-                        ks.held.sub(LockKind::Shared);
-                        ks.held.add(LockKind::Exclusive);
+                        ks.held_sub(LockKind::Shared);
+                        ks.held_add(LockKind::Exclusive);
                         ks.holders.remove(slot);
                         ks.holders.push(slot);
                     }
@@ -1138,10 +1138,10 @@ impl Engine {
                 match self.keys.get_mut(spec.key.as_str()) {
                     Some(ks) => {
                         if !ks.in_use() {
-                            ks.family = family;
+                            ks.set_family(family);
                         }
                         ks.holders.push(slot);
-                        ks.held.add(spec.kind);
+                        ks.held_add(spec.kind);
                         if ks.holders.len() == 1 {
                             self.held_keys += 1;
                         }
@@ -1149,7 +1149,7 @@ impl Engine {
                     None => {
                         let mut ks = KeyState::new(family);
                         ks.holders.push(slot);
-                        ks.held.add(spec.kind);
+                        ks.held_add(spec.kind);
                         self.held_keys += 1;
                         self.keys.insert(h.key.clone(), ks);
                     }
@@ -1217,7 +1217,7 @@ impl Engine {
             let held = own.and_then(|l| l.lock(key));
             let d = demand(held, spec.kind);
             let here = d.is_none_or(|d| {
-                let mut holders = ks.held;
+                let mut holders = ks.held();
                 if let Some(h) = held {
                     holders.sub(h.kind);
                 }
@@ -1234,7 +1234,7 @@ impl Engine {
             }
             if let Some(d) = d {
                 ahead.add(d);
-                if ahead.full(ks.family) {
+                if ahead.full(ks.family()) {
                     break;
                 }
             }
@@ -1348,7 +1348,7 @@ impl Engine {
         if let Some(ks) = self.keys.get_mut(&held.key)
             && ks.holders.remove(slot)
         {
-            ks.held.sub(held.kind);
+            ks.held_sub(held.kind);
             if ks.holders.is_empty() {
                 self.held_keys -= 1;
             }

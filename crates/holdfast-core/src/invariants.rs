@@ -147,20 +147,20 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             );
             last_token = h.fencing_token;
             ensure!(
-                Family::of(h.kind) == ks.family,
+                Family::of(h.kind) == ks.family(),
                 "key {key} holder kind {:?} does not match family {:?}",
                 h.kind,
-                ks.family
+                ks.family()
             );
             usage.add(h.kind);
             holder_entries += 1;
         }
         ensure!(
-            usage == ks.held,
+            usage == ks.held(),
             "key {key} usage {:?} != recomputed {usage:?}",
-            ks.held
+            ks.held()
         );
-        match ks.family {
+        match ks.family() {
             Family::ReadWrite => {
                 ensure!(usage.exclusive <= 1, "key {key} has two exclusive holders");
                 ensure!(
@@ -198,7 +198,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
                 .find(|s| *s.key == **key)
                 .ok_or_else(|| format!("key {key} queues waiter {w:?} that does not name it"))?;
             ensure!(
-                Family::of(spec.kind) == ks.family,
+                Family::of(spec.kind) == ks.family(),
                 "key {key} waiter {w:?} kind does not match the key's family"
             );
         }
@@ -263,7 +263,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             if ks.delayed() {
                 return false;
             }
-            let mut u = ks.held;
+            let mut u = ks.held();
             if let Some(h) = held {
                 u.sub(h.kind);
             }

@@ -91,7 +91,8 @@ pub(crate) enum Holders {
     #[default]
     None,
     One(Slot),
-    Many(Vec<Slot>),
+    /// Boxed: the vector's 24 bytes inline would make every key's state 8 bytes larger.
+    Many(Box<Vec<Slot>>),
 }
 
 impl Holders {
@@ -118,7 +119,7 @@ impl Holders {
     pub fn push(&mut self, id: Slot) {
         *self = match std::mem::take(self) {
             Holders::None => Holders::One(id),
-            Holders::One(a) => Holders::Many(vec![a, id]),
+            Holders::One(a) => Holders::Many(Box::new(vec![a, id])),
             Holders::Many(mut v) => {
                 v.push(id);
                 Holders::Many(v)
@@ -223,12 +224,78 @@ impl Queue {
     }
 }
 
+/// A key's family and what its holders use together, in 12 bytes (a `Family` and a `Usage`
+/// side by side took 24, in every key's state).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct KeyUsage {
+    /// 0: the exclusive/shared family; n > 0: a semaphore of limit n (limits are >= 1).
+    limit: u32,
+    /// Exclusive holders (exclusive/shared family; 0 for a semaphore).
+    exclusive: u32,
+    /// Shared holders (exclusive/shared family), or permits held (semaphore: at most the
+    /// limit, so a `u32` is exact).
+    shared_or_permits: u32,
+}
+
+impl KeyUsage {
+    fn new(family: Family) -> Self {
+        KeyUsage {
+            limit: match family {
+                Family::ReadWrite => 0,
+                Family::Semaphore(limit) => {
+                    debug_assert!(limit > 0, "semaphore limit 0");
+                    limit
+                }
+            },
+            exclusive: 0,
+            shared_or_permits: 0,
+        }
+    }
+
+    fn family(self) -> Family {
+        match self.limit {
+            0 => Family::ReadWrite,
+            limit => Family::Semaphore(limit),
+        }
+    }
+
+    fn usage(self) -> Usage {
+        match self.limit {
+            0 => Usage {
+                exclusive: self.exclusive,
+                shared: self.shared_or_permits,
+                permits: 0,
+            },
+            _ => Usage {
+                exclusive: 0,
+                shared: 0,
+                permits: u64::from(self.shared_or_permits),
+            },
+        }
+    }
+
+    fn add(&mut self, kind: LockKind) {
+        match kind {
+            LockKind::Exclusive => self.exclusive += 1,
+            LockKind::Shared => self.shared_or_permits += 1,
+            LockKind::Semaphore { permits, .. } => self.shared_or_permits += permits,
+        }
+    }
+
+    fn sub(&mut self, kind: LockKind) {
+        match kind {
+            LockKind::Exclusive => self.exclusive -= 1,
+            LockKind::Shared => self.shared_or_permits -= 1,
+            LockKind::Semaphore { permits, .. } => self.shared_or_permits -= permits,
+        }
+    }
+}
+
 /// One key in use.
 #[derive(Clone, Debug)]
 pub(crate) struct KeyState {
-    pub family: Family,
-    /// What the holders use together.
-    pub held: Usage,
+    /// The family, and what the holders use together: see the accessors.
+    usage: KeyUsage,
     /// Holding leases in grant order (ascending fencing token).
     pub holders: Holders,
     /// Queued lock requests naming this key, in arrival order (ascending id), and the
@@ -239,11 +306,40 @@ pub(crate) struct KeyState {
 impl KeyState {
     pub fn new(family: Family) -> Self {
         KeyState {
-            family,
+            usage: KeyUsage::new(family),
             holders: Holders::None,
-            held: Usage::default(),
             queue: Queue::default(),
         }
+    }
+
+    /// How the key is used while it is in use (fixed while it has holders or waiters).
+    pub fn family(&self) -> Family {
+        self.usage.family()
+    }
+
+    /// Change the family of a key that is not in use (its holders use nothing).
+    pub fn set_family(&mut self, family: Family) {
+        debug_assert_eq!(
+            self.held(),
+            Usage::default(),
+            "family changed under holders"
+        );
+        self.usage = KeyUsage::new(family);
+    }
+
+    /// What the holders use together.
+    pub fn held(&self) -> Usage {
+        self.usage.usage()
+    }
+
+    /// A holder of `kind` was added.
+    pub fn held_add(&mut self, kind: LockKind) {
+        self.usage.add(kind);
+    }
+
+    /// A holder of `kind` left.
+    pub fn held_sub(&mut self, kind: LockKind) {
+        self.usage.sub(kind);
     }
 
     /// Lock-delay: no new grants before this time.

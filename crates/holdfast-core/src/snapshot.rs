@@ -184,7 +184,7 @@ impl Restorer {
                 }
                 Entry::Occupied(o) => {
                     let ks = o.into_mut();
-                    if ks.family != family {
+                    if ks.family() != family {
                         return Err(err(format!(
                             "key {} is held with different modes or semaphore limits",
                             h.key
@@ -197,14 +197,14 @@ impl Restorer {
                 }
             };
             ks.holders.push(slot);
-            ks.held.add(h.kind);
+            ks.held_add(h.kind);
             // Usage only grows while holders are added, so a conflict now is a conflict in
             // the whole state.
-            let ok = match ks.family {
+            let ok = match ks.family() {
                 Family::ReadWrite => {
-                    ks.held.exclusive == 0 || (ks.held.exclusive == 1 && ks.held.shared == 0)
+                    ks.held().exclusive == 0 || (ks.held().exclusive == 1 && ks.held().shared == 0)
                 }
-                Family::Semaphore(limit) => ks.held.permits <= u64::from(limit),
+                Family::Semaphore(limit) => ks.held().permits <= u64::from(limit),
             };
             if !ok {
                 return Err(err(format!("key {} has conflicting holders", h.key)));
