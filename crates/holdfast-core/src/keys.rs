@@ -91,7 +91,9 @@ pub(crate) enum Holders {
     #[default]
     None,
     One(Slot),
-    /// Boxed: the vector's 24 bytes inline would make every key's state 8 bytes larger.
+    /// Boxed: the vector's 24 bytes inline would make every key's state 8 bytes larger, and
+    /// few keys have several holders (a boxed slice would reallocate on every push).
+    #[allow(clippy::box_collection)]
     Many(Box<Vec<Slot>>),
 }
 
