@@ -381,7 +381,7 @@ impl LockGuard {
             Health::Lost(reason) => Some(reason.clone()),
             _ => None,
         };
-        self.status_tx.send_modify(|s| s.health = Health::Released);
+        mark_released(&self.status_tx);
         if let Some(reason) = lost {
             return Err(ClientError::Lost(reason));
         }
@@ -392,6 +392,20 @@ impl LockGuard {
             self.joined,
         )
         .await
+    }
+}
+
+/// Publish that the guard was released. When nobody but the guard's own context watches (no
+/// clone of it, no `lost()` future), the value changes without a notification: waking the
+/// watchers of a tokio `watch` takes its eight notifier locks even when nobody waits.
+fn mark_released(tx: &watch::Sender<LeaseStatus>) {
+    if tx.receiver_count() <= 1 {
+        tx.send_if_modified(|s| {
+            s.health = Health::Released;
+            false
+        });
+    } else {
+        tx.send_modify(|s| s.health = Health::Released);
     }
 }
 
@@ -426,7 +440,7 @@ impl Drop for LockGuard {
         if self.done {
             return;
         }
-        self.status_tx.send_modify(|s| s.health = Health::Released);
+        mark_released(&self.status_tx);
         // Best effort: without a runtime the lease simply expires after its TTL.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let client = self.client.clone();
@@ -472,18 +486,14 @@ pub(crate) fn schedule_renewal(
     let first = deadline
         .checked_sub(ttl)
         .map_or_else(Instant::now, |start| start + interval);
-    let scheduled = client.renewals().schedule(
-        first,
-        Box::pin(renew_loop(
-            client.clone(),
-            lease_id,
-            ttl,
-            interval,
-            keys,
-            deadline,
-            task_tx,
-        )),
-    );
+    let scheduled = client.renewals().schedule(first, {
+        let client = client.clone();
+        Box::new(move || {
+            Box::pin(renew_loop(
+                client, lease_id, ttl, interval, keys, deadline, task_tx,
+            ))
+        })
+    });
     (scheduled, tx, rx)
 }
 

@@ -29,8 +29,10 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Empty ticks before an idle driver parks (waits for a notification only).
 const IDLE_TICKS_BEFORE_PARK: u32 = 60;
 
-/// A renewal loop, ready to be spawned when its first renewal is due.
-pub(crate) type RenewalJob = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+/// A renewal loop, spawned when its first renewal is due. A closure that builds the loop's
+/// future then, not the future itself: the future (with the renewal call inside) is several
+/// times larger than what it captures, and most guards are released before it is needed.
+pub(crate) type RenewalJob = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// The per-client queue of first renewals.
 #[derive(Default)]
@@ -169,7 +171,7 @@ async fn drive(shared: Arc<Shared>) {
             let later = state.due.split_off(&(now, u64::MAX));
             let ready = std::mem::replace(&mut state.due, later);
             for ((_, id), job) in ready {
-                state.running.insert(id, tokio::spawn(job));
+                state.running.insert(id, tokio::spawn(job()));
             }
             let next = if let Some(((at, _), _)) = state.due.first_key_value() {
                 idle_ticks = 0;
@@ -203,8 +205,10 @@ mod tests {
 
     fn counting_job(count: &Arc<AtomicU32>) -> RenewalJob {
         let count = Arc::clone(count);
-        Box::pin(async move {
-            count.fetch_add(1, Ordering::SeqCst);
+        Box::new(move || {
+            Box::pin(async move {
+                count.fetch_add(1, Ordering::SeqCst);
+            })
         })
     }
 
@@ -292,10 +296,12 @@ mod tests {
         let (s, f) = (Arc::clone(&started), Arc::clone(&finished));
         let entry = scheduler.schedule(
             Instant::now(),
-            Box::pin(async move {
-                s.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                f.fetch_add(1, Ordering::SeqCst);
+            Box::new(move || {
+                Box::pin(async move {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    f.fetch_add(1, Ordering::SeqCst);
+                })
             }),
         );
         tokio::time::sleep(Duration::from_millis(1)).await;

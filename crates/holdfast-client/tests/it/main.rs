@@ -377,6 +377,33 @@ async fn renewal_keeps_a_lock_far_past_its_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_watching_the_guard_sees_its_release() {
+    let (_server, client) = server().await;
+    for by_drop in [false, true] {
+        let g = client.lock("it/watched").acquire().await.unwrap();
+        let context = g.context();
+        let mut status = context.watch();
+        status.borrow_and_update();
+        let watcher = tokio::spawn(async move {
+            status.changed().await.unwrap();
+            status.borrow().health.clone()
+        });
+        if by_drop {
+            drop(g);
+        } else {
+            g.release().await.unwrap();
+        }
+        let seen = tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("the watcher was never woken")
+            .unwrap();
+        assert_eq!(seen, Health::Released, "by_drop = {by_drop}");
+        assert_eq!(context.status().health, Health::Released);
+        assert!(!context.is_lost());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_releases_the_lock() {
     let (_server, client) = server().await;
     {
