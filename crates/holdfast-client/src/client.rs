@@ -531,6 +531,15 @@ impl Client {
     /// # Errors
     /// `LeaseNotFound` if it was already gone.
     pub async fn release(&self, lease_id: &str) -> Result<LeaseResponse, ClientError> {
+        self.release_as(lease_id).await
+    }
+
+    /// [`Client::release`], decoding the answer as `T` (a guard's release only needs to know
+    /// that it succeeded: `serde::de::IgnoredAny` skips building the lease it returns).
+    pub(crate) async fn release_as<T: DeserializeOwned>(
+        &self,
+        lease_id: &str,
+    ) -> Result<T, ClientError> {
         if let Some(w) = &self.inner.wire {
             let body = proto::LeaseRef {
                 lease_id: lease_id.to_owned(),

@@ -424,7 +424,10 @@ async fn release_lease(
         }
         out
     } else {
-        client.release(lease_id).await.map(|_| ())
+        client
+            .release_as::<serde::de::IgnoredAny>(lease_id)
+            .await
+            .map(|_| ())
     };
     match result {
         Err(ClientError::LeaseNotFound { .. }) => Err(ClientError::Lost(LostReason::NotFound)),
