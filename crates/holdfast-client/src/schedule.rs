@@ -13,6 +13,11 @@
 //! keeps becoming empty between two locks (one lock at a time, the common case) does not wake
 //! it for every lock. After [`IDLE_TICKS_BEFORE_PARK`] empty ticks it parks until the next
 //! entry.
+//!
+//! The driver, and the renewal loops it spawns, run on the runtime of the call that started
+//! the driver; a later call finding the driver gone (its runtime shut down) starts a new one
+//! on its own runtime. A client shared by two runtimes at once therefore renews on the one
+//! that started first, which must outlive the other's guards.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
