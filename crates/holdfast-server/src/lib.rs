@@ -264,6 +264,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
             shutdown_rx.clone(),
         ))
     });
+    tokio::spawn(metrics::upkeep(shutdown_rx.clone()));
     let mut stop = shutdown_rx;
     let server_task = tokio::spawn(async move {
         axum::serve(listener, app)

@@ -44,6 +44,24 @@ pub const LEASES: &str = "holdfast_leases";
 /// Queued requests.
 pub const WAITERS: &str = "holdfast_waiters";
 
+/// How often histogram samples are folded into their buckets when nobody scrapes `/metrics`.
+pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Fold histogram samples into their buckets every [`UPKEEP_EVERY`] until `shutdown` turns
+/// true. The exporter keeps every recorded sample until an upkeep (a scrape does one): a
+/// server nobody scrapes grew by ≈ 24 bytes per acquire+release pair without this loop
+/// (W1 at 64 clients: +27 MB in 20 s).
+pub async fn upkeep(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(UPKEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => prometheus().run_upkeep(),
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
 /// The process-wide Prometheus handle (installs the recorder on first use).
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -207,5 +225,24 @@ fn percentiles(h: &Histogram<u64>) -> Percentiles {
         p99: h.value_at_quantile(0.99) as f64,
         max: h.max() as f64,
         count: h.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn upkeep_runs_until_shutdown_and_then_stops() {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(upkeep(stopped));
+        // Several periods pass: the loop keeps running.
+        tokio::time::sleep(UPKEEP_EVERY * 3).await;
+        assert!(!task.is_finished());
+        stop.send_replace(true);
+        tokio::time::timeout(UPKEEP_EVERY, task)
+            .await
+            .expect("upkeep did not stop at shutdown")
+            .unwrap();
     }
 }
