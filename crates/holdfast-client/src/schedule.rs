@@ -14,10 +14,10 @@
 //! it for every lock. After [`IDLE_TICKS_BEFORE_PARK`] empty ticks it parks until the next
 //! entry.
 //!
-//! The driver, and the renewal loops it spawns, run on the runtime of the call that started
-//! the driver; a later call finding the driver gone (its runtime shut down) starts a new one
-//! on its own runtime. A client shared by two runtimes at once therefore renews on the one
-//! that started first, which must outlive the other's guards.
+//! A renewal loop runs on the runtime of the guard it renews (the entry keeps that runtime's
+//! handle). The driver runs on the runtime that first needed it; when that runtime shuts down
+//! while a client shared with another runtime still has entries waiting, the dropped driver
+//! moves itself to a waiting entry's runtime (`DriverExit`), so those guards keep renewing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -25,6 +25,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -54,13 +55,16 @@ struct Shared {
 #[derive(Default)]
 struct State {
     next_id: u64,
-    /// First renewals not yet due, by due instant.
-    due: BTreeMap<(Instant, u64), RenewalJob>,
+    /// First renewals not yet due, by due instant, with the runtime of the call that
+    /// scheduled each (its loop runs there).
+    due: BTreeMap<(Instant, u64), (Handle, RenewalJob)>,
     /// Renewal loops already spawned, by entry id (removed by their guard).
     running: HashMap<u64, JoinHandle<()>>,
     /// The instant the driver sleeps to; `None` if parked (or not started).
     target: Option<Instant>,
     driver: Option<JoinHandle<()>>,
+    /// A dropped driver is moving to another runtime (see `DriverExit`).
+    handing_over: bool,
     closed: bool,
 }
 
@@ -121,20 +125,32 @@ impl Scheduler {
     /// Run `job` from `at` on (spawned on the current runtime then), unless cancelled first.
     /// Must be called inside a tokio runtime.
     pub(crate) fn schedule(&self, at: Instant, job: RenewalJob) -> Scheduled {
+        let runtime = Handle::current();
         let mut state = self.shared.lock();
         state.next_id += 1;
         let key = (at, state.next_id);
-        state.due.insert(key, job);
+        state.due.insert(key, (runtime.clone(), job));
         let driver_alive = state.driver.as_ref().is_some_and(|d| !d.is_finished());
-        if !driver_alive {
+        let start_driver = !driver_alive && !state.handing_over;
+        if start_driver {
             // First use, or the runtime that ran the driver is gone.
             state.target = Some(at);
-            state.driver = Some(tokio::spawn(drive(Arc::clone(&self.shared))));
         } else if state.target.is_none_or(|t| at < t) {
             state.target = Some(at);
             self.shared.wake.notify_one();
         }
         drop(state);
+        if start_driver {
+            // Spawned outside the lock: on a runtime that is shutting down the future is
+            // dropped inside `spawn`, and its exit hook takes the lock.
+            let driver = runtime.spawn(driver(Arc::clone(&self.shared)));
+            let mut state = self.shared.lock();
+            if state.driver.as_ref().is_none_or(JoinHandle::is_finished) {
+                state.driver = Some(driver);
+            }
+            // Otherwise a concurrent call started one too: both run, harmlessly (each entry is
+            // taken once, under the lock), and both stop when the scheduler closes.
+        }
         Scheduled {
             shared: Arc::clone(&self.shared),
             key,
@@ -154,12 +170,73 @@ impl Drop for Scheduler {
             )
         };
         drop(jobs);
+        // A parked driver this scheduler does not track (see `schedule`) wakes and returns.
+        self.shared.wake.notify_waiters();
         for task in running.into_values() {
             task.abort();
         }
         if let Some(driver) = driver {
             driver.abort();
         }
+    }
+}
+
+/// Most runtimes a dropped driver tries before giving up on handing itself over.
+const HANDOVER_TRIES: usize = 64;
+
+/// Dropped with the driver's future (polled or not). Unless the scheduler closed, the
+/// driver's runtime is shutting down: the driver moves to the runtime of a waiting entry, so
+/// the guards of a client shared with another runtime keep their renewals.
+struct DriverExit(Arc<Shared>);
+
+impl Drop for DriverExit {
+    fn drop(&mut self) {
+        let runtimes: Vec<Handle> = {
+            let mut state = self.0.lock();
+            // A driver spawned by a handover onto a runtime that is going down too is dropped
+            // inside `spawn` below: the handover in progress goes on with the next runtime.
+            if state.closed || state.handing_over {
+                return;
+            }
+            state.target = None;
+            state.driver = None;
+            state.handing_over = true;
+            state
+                .due
+                .values()
+                .take(HANDOVER_TRIES)
+                .map(|(runtime, _)| runtime.clone())
+                .collect()
+        };
+        // Entries of the runtime going down spawn nothing (the task is cancelled at once).
+        let mut taken = None;
+        for runtime in runtimes {
+            let driver = runtime.spawn(driver(Arc::clone(&self.0)));
+            if !driver.is_finished() {
+                taken = Some(driver);
+                break;
+            }
+        }
+        let mut state = self.0.lock();
+        state.handing_over = false;
+        if let Some(driver) = taken {
+            // A driver started meanwhile by `schedule` may run beside this one: each entry is
+            // still taken once, under the lock, and each driver recomputes its wake-up.
+            if state.closed {
+                driver.abort();
+            } else {
+                state.driver = Some(driver);
+            }
+        }
+    }
+}
+
+/// A driver's future, with its exit hook armed before the first poll.
+fn driver(shared: Arc<Shared>) -> impl Future<Output = ()> + Send + 'static {
+    let exit = DriverExit(Arc::clone(&shared));
+    async move {
+        let _exit = exit;
+        drive(shared).await;
     }
 }
 
@@ -175,8 +252,8 @@ async fn drive(shared: Arc<Shared>) {
             }
             let later = state.due.split_off(&(now, u64::MAX));
             let ready = std::mem::replace(&mut state.due, later);
-            for ((_, id), job) in ready {
-                state.running.insert(id, tokio::spawn(job()));
+            for ((_, id), (runtime, job)) in ready {
+                state.running.insert(id, runtime.spawn(job()));
             }
             let next = if let Some(((at, _), _)) = state.due.first_key_value() {
                 idle_ticks = 0;
@@ -316,5 +393,62 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(20)).await;
         settle().await;
         assert_eq!(finished.load(Ordering::SeqCst), 0);
+    }
+
+    /// A client shared by two runtimes: the one that started the driver shuts down while the
+    /// other's guard waits for its first renewal; the renewal still runs, on the other runtime.
+    #[test]
+    fn the_driver_moves_to_a_live_runtime_when_its_own_shuts_down() {
+        let first = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let second = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let scheduler = Arc::new(Scheduler::default());
+        let early = Arc::new(AtomicU32::new(0));
+        let late = Arc::new(AtomicU32::new(0));
+        // The first runtime starts the driver with a far entry.
+        let far = first.block_on({
+            let scheduler = Arc::clone(&scheduler);
+            let early = Arc::clone(&early);
+            async move {
+                scheduler.schedule(
+                    Instant::now() + Duration::from_secs(3600),
+                    counting_job(&early),
+                )
+            }
+        });
+        // The second runtime's entry is due in 200 ms.
+        let soon = second.block_on({
+            let scheduler = Arc::clone(&scheduler);
+            let late = Arc::clone(&late);
+            async move {
+                scheduler.schedule(
+                    Instant::now() + Duration::from_millis(200),
+                    counting_job(&late),
+                )
+            }
+        });
+        drop(first);
+        let ran = second.block_on(async {
+            for _ in 0..500 {
+                if late.load(Ordering::SeqCst) == 1 {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        });
+        assert!(
+            ran,
+            "the second runtime's renewal never ran after the first runtime shut down"
+        );
+        assert_eq!(early.load(Ordering::SeqCst), 0);
+        drop((far, soon));
     }
 }
