@@ -58,8 +58,9 @@ struct State {
     /// First renewals not yet due, by due instant, with the runtime of the call that
     /// scheduled each (its loop runs there).
     due: BTreeMap<(Instant, u64), (Handle, RenewalJob)>,
-    /// Renewal loops already spawned, by entry id (removed by their guard).
-    running: HashMap<u64, JoinHandle<()>>,
+    /// Renewal loops already spawned, by entry id (removed by their guard); `None` while the
+    /// driver is spawning it.
+    running: HashMap<u64, Option<JoinHandle<()>>>,
     /// The instant the driver sleeps to; `None` if parked (or not started).
     target: Option<Instant>,
     driver: Option<JoinHandle<()>>,
@@ -103,7 +104,7 @@ impl Scheduled {
         };
         // Dropped outside the lock: a job owns a `Client`, whose drop may close the scheduler.
         drop(job);
-        if let Some(task) = task {
+        if let Some(Some(task)) = task {
             task.abort();
         }
     }
@@ -172,7 +173,7 @@ impl Drop for Scheduler {
         drop(jobs);
         // A parked driver this scheduler does not track (see `schedule`) wakes and returns.
         self.shared.wake.notify_waiters();
-        for task in running.into_values() {
+        for task in running.into_values().flatten() {
             task.abort();
         }
         if let Some(driver) = driver {
@@ -245,15 +246,38 @@ async fn drive(shared: Arc<Shared>) {
     let mut idle_ticks = 0u32;
     loop {
         let now = Instant::now();
-        let next = {
+        let ready = {
             let mut state = shared.lock();
             if state.closed {
                 return;
             }
             let later = state.due.split_off(&(now, u64::MAX));
             let ready = std::mem::replace(&mut state.due, later);
-            for ((_, id), (runtime, job)) in ready {
-                state.running.insert(id, runtime.spawn(job()));
+            for (_, id) in ready.keys() {
+                state.running.insert(*id, None);
+            }
+            ready
+        };
+        // Spawned outside the lock: on a runtime that is shutting down the job is dropped
+        // inside `spawn`, and with it a `Client`, whose drop may close the scheduler.
+        for ((_, id), (runtime, job)) in ready {
+            let task = runtime.spawn(job());
+            let cancelled = match shared.lock().running.get_mut(&id) {
+                Some(slot) => {
+                    *slot = Some(task);
+                    None
+                }
+                // Cancelled while it was being spawned.
+                None => Some(task),
+            };
+            if let Some(task) = cancelled {
+                task.abort();
+            }
+        }
+        let next = {
+            let mut state = shared.lock();
+            if state.closed {
+                return;
             }
             let next = if let Some(((at, _), _)) = state.due.first_key_value() {
                 idle_ticks = 0;
