@@ -436,8 +436,9 @@ mod tests {
         let scheduler = Arc::new(Scheduler::default());
         let early = Arc::new(AtomicU32::new(0));
         let late = Arc::new(AtomicU32::new(0));
-        // The first runtime starts the driver with a far entry.
-        let far = first.block_on({
+        // The first runtime starts the driver with the earliest entry, so the handover first
+        // tries the runtime that is going down.
+        let first_entry = first.block_on({
             let scheduler = Arc::clone(&scheduler);
             let early = Arc::clone(&early);
             async move {
@@ -448,7 +449,7 @@ mod tests {
             }
         });
         // The second runtime's entry is due in 200 ms.
-        let soon = second.block_on({
+        let second_entry = second.block_on({
             let scheduler = Arc::clone(&scheduler);
             let late = Arc::clone(&late);
             async move {
@@ -473,6 +474,6 @@ mod tests {
             "the second runtime's renewal never ran after the first runtime shut down"
         );
         assert_eq!(early.load(Ordering::SeqCst), 0);
-        drop((far, soon));
+        drop((first_entry, second_entry));
     }
 }
