@@ -294,13 +294,10 @@ impl Store {
                     break;
                 }
             }
-            let read = reader.join().unwrap_or_else(|_| {
-                Err(StoreError::Corrupt {
-                    table: "leases",
-                    record: "?".to_owned(),
-                    reason: "the thread reading the records panicked".to_owned(),
-                })
-            });
+            // A panic while reading is a bug, not a corrupt record: raise it here as before.
+            let read = reader
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             (read, outcome)
         });
         match added {

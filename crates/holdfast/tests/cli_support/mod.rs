@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Upper bound of any wait in these tests (generous: the machine is shared).
 pub const BOUND: Duration = Duration::from_secs(60);
@@ -171,23 +171,22 @@ impl Bg {
 
     /// Wait (bounded) for the exit.
     pub fn wait(mut self) -> Output {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Output {
-                    status,
-                    stdout: std::fs::read_to_string(&self.out).unwrap_or_default(),
-                    stderr: std::fs::read_to_string(&self.err).unwrap_or_default(),
-                };
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "process did not exit within {BOUND:?}; stderr: {}",
-                    std::fs::read_to_string(&self.err).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let mut status = None;
+        poll_until(|| {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        let Some(status) = status else {
+            let _ = self.child.kill();
+            panic!(
+                "process did not exit within {BOUND:?}; stderr: {}",
+                std::fs::read_to_string(&self.err).unwrap_or_default()
+            );
+        };
+        Output {
+            status,
+            stdout: std::fs::read_to_string(&self.out).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&self.err).unwrap_or_default(),
         }
     }
 
@@ -208,13 +207,27 @@ pub fn finish(cmd: Command) -> Output {
     Bg::spawn(cmd).wait()
 }
 
-/// Poll `check` every 20 ms until it holds; panic after [`BOUND`].
-pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + BOUND;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
+/// Poll interval of [`wait_until`].
+const POLL: Duration = Duration::from_millis(20);
+
+/// Poll `check` every [`POLL`] until it holds; panic after about [`BOUND`] of polls (a hang
+/// guard, not a speed check).
+pub fn wait_until(what: &str, check: impl FnMut() -> bool) {
+    assert!(
+        poll_until(check),
+        "gave up waiting until {what} after {BOUND:?} of polls"
+    );
+}
+
+/// Poll `check` every [`POLL`] for about [`BOUND`]; false if it never held.
+fn poll_until(mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..BOUND.as_millis() / POLL.as_millis() {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(POLL);
     }
+    false
 }
 
 /// A shell snippet that waits (bounded, ~30 s) for `file` to exist, else exits 99.
