@@ -1253,8 +1253,11 @@ mod tests {
     use super::*;
 
     fn host(durability: Durability, dir: &std::path::Path) -> EngineHandle {
-        let store = (durability != Durability::Memory)
-            .then(|| Store::open(dir, durability).expect("open store"));
+        let store = (durability != Durability::Memory).then(|| {
+            let mut store = Store::open(dir, durability).expect("open store");
+            store.load().expect("load store");
+            store
+        });
         let (handle, _thread) = spawn(HostParts {
             engine: Engine::new(Limits::default()),
             store,

@@ -44,6 +44,7 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod store;
+pub mod wal;
 pub mod wire;
 
 use std::net::SocketAddr;

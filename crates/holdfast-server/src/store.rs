@@ -8,18 +8,23 @@
 //!   `fencing_ceiling` / `event_seq_ceiling` that keep counters increasing across a crash in
 //!   `async` mode.
 //!
-//! Every [`Store::apply`] is one write transaction; in `sync` mode it commits with
-//! [`redb::Durability::Immediate`] (one fsync), so the server can acknowledge everything the
-//! batch contained. Records are validated when read; a record that does not decode stops the
-//! startup with a message naming the table and the record, never a silent reset.
+//! Every [`Store::apply`] is one record appended to the write-ahead log (`crate::wal`); in
+//! `sync` mode it is followed by one `fdatasync`, so the server can acknowledge everything the
+//! batch contained. A checkpointer thread folds full log segments into redb; at startup the
+//! whole log is folded in before redb is read. Records are validated when read; a record that
+//! does not decode stops the startup with a message naming the table and the record, never a
+//! silent reset.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use holdfast_core::{ChangeSet, DurableState, IdempotencyRecord, LeaseId, LeaseRecord};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::config::Durability;
+use crate::wal::{self, Closed, Counters, Folded, WalError, WalFs, WalWriter};
 
 const LEASES: TableDefinition<u128, &[u8]> = TableDefinition::new("leases");
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
@@ -41,6 +46,8 @@ const META_FENCING: &str = "fencing_next";
 const META_EVENT_SEQ: &str = "event_seq_next";
 const META_FENCING_CEILING: &str = "fencing_ceiling";
 const META_EVENT_SEQ_CEILING: &str = "event_seq_ceiling";
+/// The last write-ahead-log batch folded into the database.
+const META_WAL_APPLIED: &str = "wal_applied_seq";
 
 /// redb's page cache, in bytes. redb's default (1 GiB) kept a copy of every page read at
 /// startup or written since: with a million leases that was ~300 MB on top of the engine's own
@@ -96,6 +103,14 @@ pub enum StoreError {
     /// A read, write or commit failed.
     #[error("storage error: {0}")]
     Io(Box<redb::Error>),
+    /// The write-ahead log failed or is damaged.
+    #[error(
+        "{0}; the data directory needs repair or restore from backup, it is never reset automatically"
+    )]
+    Wal(#[from] WalError),
+    /// The checkpointer thread stopped.
+    #[error("the write-ahead log checkpointer stopped: {0}")]
+    Checkpointer(String),
 }
 
 impl<E: Into<redb::Error>> From<E> for StoreError {
@@ -122,9 +137,9 @@ pub struct CommitInfo {
     pub synced: bool,
 }
 
-/// The open database.
+/// The open database and its write-ahead log.
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     durability: Durability,
     /// Durable ceilings of the counters (async mode).
     fencing_ceiling: u64,
@@ -133,6 +148,152 @@ pub struct Store {
     unsynced: bool,
     /// When the first unsynced commit happened.
     unsynced_since: Option<Instant>,
+    fs: Arc<dyn WalFs>,
+    segment_bytes: u64,
+    /// The log's appending end; `None` until [`Store::load_with`] has recovered the log.
+    wal: Option<WalWriter>,
+    checkpoints: Checkpoints,
+}
+
+/// Where the zero-filled spare segment stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spare {
+    Ready,
+    Requested,
+    Missing,
+}
+
+/// Work for the checkpointer: fold these closed segments into redb, then (optionally) write a
+/// new spare.
+struct Job {
+    segments: Vec<Closed>,
+    make_spare: bool,
+}
+
+/// Runs checkpoint jobs: on its own thread in the server, on the host thread in the crash
+/// tests (so that every crash point is reproducible). There a job runs only at the second
+/// commit after it was queued, so that commits made while a checkpoint is still running (as
+/// with the thread) are part of every crash history.
+enum Checkpointer {
+    Inline {
+        queued: Option<Job>,
+        /// Commits since the job was queued.
+        age: u32,
+        /// Run jobs as soon as they are queued (no thread could be started).
+        immediate: bool,
+    },
+    Thread {
+        jobs: Option<mpsc::Sender<Job>>,
+        done: mpsc::Receiver<Result<bool, StoreError>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
+}
+
+struct Checkpoints {
+    runner: Checkpointer,
+    /// A job was handed to the thread and has not reported.
+    busy: bool,
+    /// Closed segments waiting for the next job.
+    closed: Vec<Closed>,
+    spare: Spare,
+}
+
+impl Drop for Checkpoints {
+    fn drop(&mut self) {
+        if let Checkpointer::Thread { jobs, thread, .. } = &mut self.runner {
+            // Closing the queue ends the thread after its current job.
+            jobs.take();
+            if let Some(thread) = thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// Fold closed segments into redb (one durable transaction), delete them, write a spare.
+fn run_job(
+    db: &Database,
+    fs: &dyn WalFs,
+    job: &Job,
+    segment_bytes: u64,
+) -> Result<bool, StoreError> {
+    if let Some(last) = job.segments.last() {
+        let mut data = Vec::with_capacity(job.segments.len());
+        for segment in &job.segments {
+            data.push((segment.name.clone(), fs.read(&segment.name)?));
+        }
+        let mut folded = Folded::default();
+        wal::fold_closed(&data, last.last, &mut folded)?;
+        write_folded(db, &folded)?;
+        for segment in &job.segments {
+            fs.remove(&segment.name)?;
+        }
+        fs.sync_dir()?;
+    }
+    if job.make_spare {
+        wal::make_spare(fs, segment_bytes)?;
+    }
+    Ok(job.make_spare)
+}
+
+/// Write folded log batches into redb in one durable transaction, with the last batch's
+/// number.
+fn write_folded(db: &Database, folded: &Folded<'_>) -> Result<(), StoreError> {
+    let Some(last) = folded.last_seq else {
+        return Ok(());
+    };
+    let mut tx = db.begin_write()?;
+    tx.set_durability(redb::Durability::Immediate)?;
+    {
+        let mut meta = tx.open_table(META)?;
+        let c = &folded.counters;
+        for (name, value) in [
+            (META_FENCING, c.fencing_next),
+            (META_EVENT_SEQ, c.event_seq_next),
+            (META_FENCING_CEILING, c.fencing_ceiling),
+            (META_EVENT_SEQ_CEILING, c.event_seq_ceiling),
+        ] {
+            if let Some(value) = value {
+                meta.insert(name, value)?;
+            }
+        }
+        meta.insert(META_WAL_APPLIED, last)?;
+        let mut leases = tx.open_table(LEASES)?;
+        for (id, record) in &folded.leases {
+            match record {
+                Some(bytes) => {
+                    leases.insert(*id, *bytes)?;
+                }
+                None => {
+                    leases.remove(*id)?;
+                }
+            }
+        }
+        let mut idem = tx.open_table(IDEMPOTENCY)?;
+        for (key, record) in &folded.idempotency {
+            match record {
+                Some(bytes) => {
+                    idem.insert(*key, *bytes)?;
+                }
+                None => {
+                    idem.remove(*key)?;
+                }
+            }
+        }
+        let mut delays = tx.open_table(LOCK_DELAYS)?;
+        for (key, until) in &folded.lock_delays {
+            match until {
+                Some(until) => {
+                    delays.insert(*key, *until)?;
+                }
+                None => {
+                    delays.remove(*key)?;
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 impl std::fmt::Debug for Store {
@@ -144,7 +305,7 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Open (or create) `<data_dir>/holdfast.redb`.
+    /// Open (or create) `<data_dir>/holdfast.redb` and the log directory `<data_dir>/wal`.
     ///
     /// # Errors
     /// The directory cannot be created, the file is not a redb database, or is already open.
@@ -158,24 +319,33 @@ impl Store {
             path: path.clone(),
             source: Box::new(e.into()),
         })?;
-        Ok(Self {
+        // The log is touched only once redb holds its file lock: a second server on the same
+        // directory stops above.
+        let wal_dir = data_dir.join(wal::WAL_DIR);
+        let fs = wal::DirFs::new(&wal_dir).map_err(|source| StoreError::DataDir {
+            path: wal_dir,
+            source,
+        })?;
+        Ok(Self::new(
             db,
+            Arc::new(fs),
             durability,
-            fencing_ceiling: 0,
-            event_seq_ceiling: 0,
-            unsynced: false,
-            unsynced_since: None,
-        })
+            wal::SEGMENT_BYTES,
+            true,
+        ))
     }
 
-    /// Open (or create) a database on any redb storage backend (crash-image tests use one that
-    /// can drop unsynced writes).
+    /// Open (or create) a database on any redb storage backend and log files (crash-image
+    /// tests use ones that can drop unsynced writes). Checkpoints run inline.
     ///
     /// # Errors
     /// The backend does not hold a redb database.
-    pub fn open_with_backend(
+    #[cfg(test)]
+    pub(crate) fn open_with_backend(
         backend: impl redb::StorageBackend,
+        fs: Arc<dyn WalFs>,
         durability: Durability,
+        segment_bytes: u64,
     ) -> Result<Self, StoreError> {
         let db = builder()
             .create_with_backend(backend)
@@ -183,14 +353,237 @@ impl Store {
                 path: PathBuf::from("(custom backend)"),
                 source: Box::new(e.into()),
             })?;
-        Ok(Self {
+        Ok(Self::new(db, fs, durability, segment_bytes, false))
+    }
+
+    fn new(
+        db: Database,
+        fs: Arc<dyn WalFs>,
+        durability: Durability,
+        segment_bytes: u64,
+        background: bool,
+    ) -> Self {
+        let db = Arc::new(db);
+        let runner = if background {
+            let (jobs, queue) = mpsc::channel::<Job>();
+            let (report, done) = mpsc::channel();
+            let (thread_db, thread_fs) = (Arc::clone(&db), Arc::clone(&fs));
+            let thread = std::thread::Builder::new()
+                .name("holdfast-checkpoint".into())
+                .spawn(move || {
+                    for job in queue {
+                        let outcome = run_job(&thread_db, thread_fs.as_ref(), &job, segment_bytes);
+                        let failed = outcome.is_err();
+                        if report.send(outcome).is_err() || failed {
+                            break;
+                        }
+                    }
+                });
+            match thread {
+                Ok(thread) => Checkpointer::Thread {
+                    jobs: Some(jobs),
+                    done,
+                    thread: Some(thread),
+                },
+                // No thread to be had: checkpoints run on the host thread instead.
+                Err(e) => {
+                    tracing::warn!(error = %e, "no checkpoint thread; checkpoints run inline");
+                    Checkpointer::Inline {
+                        queued: None,
+                        age: 0,
+                        immediate: true,
+                    }
+                }
+            }
+        } else {
+            Checkpointer::Inline {
+                queued: None,
+                age: 0,
+                immediate: false,
+            }
+        };
+        Self {
             db,
             durability,
             fencing_ceiling: 0,
             event_seq_ceiling: 0,
             unsynced: false,
             unsynced_since: None,
-        })
+            fs,
+            segment_bytes,
+            wal: None,
+            checkpoints: Checkpoints {
+                runner,
+                busy: false,
+                closed: Vec::new(),
+                spare: Spare::Missing,
+            },
+        }
+    }
+
+    /// Hand the closed segments (and a spare request) to the checkpointer if it is idle.
+    fn start_checkpoint(&mut self) -> Result<(), StoreError> {
+        let cp = &mut self.checkpoints;
+        if cp.busy || (cp.closed.is_empty() && cp.spare != Spare::Missing) {
+            return Ok(());
+        }
+        let job = Job {
+            segments: std::mem::take(&mut cp.closed),
+            make_spare: cp.spare == Spare::Missing,
+        };
+        if job.make_spare {
+            cp.spare = Spare::Requested;
+        }
+        cp.busy = true;
+        let sent = match &mut cp.runner {
+            Checkpointer::Inline {
+                queued,
+                age,
+                immediate,
+            } => {
+                *queued = Some(job);
+                *age = 0;
+                if *immediate {
+                    return self.poll_checkpoints(true);
+                }
+                true
+            }
+            Checkpointer::Thread { jobs, .. } => {
+                jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok())
+            }
+        };
+        if !sent {
+            return Err(self.checkpointer_gone());
+        }
+        Ok(())
+    }
+
+    /// A job finished: take the spare into account, rotate if the segment is full, go on.
+    fn finished(&mut self, made_spare: bool) -> Result<(), StoreError> {
+        self.checkpoints.busy = false;
+        if made_spare {
+            self.checkpoints.spare = Spare::Ready;
+        }
+        self.rotate_if_full()?;
+        self.start_checkpoint()
+    }
+
+    fn checkpointer_gone(&mut self) -> StoreError {
+        if let Checkpointer::Thread { thread, .. } = &mut self.checkpoints.runner
+            && let Some(thread) = thread.take()
+            && let Err(panic) = thread.join()
+        {
+            std::panic::resume_unwind(panic);
+        }
+        StoreError::Checkpointer("the checkpoint thread is gone".into())
+    }
+
+    /// Take the reports of finished jobs; with `wait`, until the checkpointer is idle.
+    fn poll_checkpoints(&mut self, wait: bool) -> Result<(), StoreError> {
+        while self.checkpoints.busy {
+            let report = match &mut self.checkpoints.runner {
+                Checkpointer::Inline { queued, age, .. } => {
+                    if !wait && *age < 2 {
+                        *age += 1;
+                        return Ok(());
+                    }
+                    let Some(job) = queued.take() else {
+                        return Ok(());
+                    };
+                    Ok(run_job(
+                        &self.db,
+                        self.fs.as_ref(),
+                        &job,
+                        self.segment_bytes,
+                    ))
+                }
+                Checkpointer::Thread { done, .. } => {
+                    if wait {
+                        done.recv().map_err(|_| mpsc::TryRecvError::Disconnected)
+                    } else {
+                        done.try_recv()
+                    }
+                }
+            };
+            match report {
+                Ok(Ok(made)) => self.finished(made)?,
+                Ok(Err(e)) => return Err(e),
+                Err(mpsc::TryRecvError::Empty) => return Ok(()),
+                Err(mpsc::TryRecvError::Disconnected) => return Err(self.checkpointer_gone()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Continue in the spare once the current segment is full.
+    fn rotate_if_full(&mut self) -> Result<(), StoreError> {
+        let Some(wal) = &mut self.wal else {
+            return Ok(());
+        };
+        if wal.full() && self.checkpoints.spare == Spare::Ready {
+            let closed = wal.rotate()?;
+            self.unsynced = false;
+            self.unsynced_since = None;
+            self.checkpoints.spare = Spare::Missing;
+            self.checkpoints.closed.push(closed);
+            self.start_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Fold every log segment into redb (recovery) and start a new segment after them.
+    fn recover_log(&mut self) -> Result<(), StoreError> {
+        // A store loaded before (tests reload): finish its checkpoints and close its segment.
+        if let Some(wal) = &mut self.wal {
+            wal.sync()?;
+            self.poll_checkpoints(true)?;
+            self.wal = None;
+            self.checkpoints.closed.clear();
+        }
+        let applied = {
+            let tx = self.db.begin_read()?;
+            let meta = tx.open_table(META)?;
+            meta.get(META_WAL_APPLIED)?.map_or(0, |v| v.value())
+        };
+        let (names, spare) = wal::list_segments(self.fs.as_ref())?;
+        let mut segments = Vec::with_capacity(names.len());
+        for name in &names {
+            segments.push((name.clone(), self.fs.read(name)?));
+        }
+        let mut folded = Folded::default();
+        let end = wal::replay(&segments, applied, &mut folded)?;
+        if let Some((segment, offset)) = &end.discarded_tail {
+            tracing::warn!(
+                segment,
+                offset,
+                "write-ahead log: discarded a half-written batch at the end (never acknowledged)"
+            );
+        }
+        write_folded(&self.db, &folded)?;
+        let next = folded.last_seq.unwrap_or(applied).max(applied) + 1;
+        if !folded.is_empty() {
+            tracing::info!(
+                batches = end.batches,
+                leases = folded.leases.len(),
+                "write-ahead log folded into the database"
+            );
+        }
+        drop(folded);
+        drop(segments);
+        for name in &names {
+            self.fs.remove(name)?;
+        }
+        self.wal = Some(WalWriter::start(
+            Arc::clone(&self.fs),
+            next,
+            spare,
+            self.segment_bytes,
+        )?);
+        self.checkpoints.spare = Spare::Missing;
+        self.unsynced = false;
+        self.unsynced_since = None;
+        // The first spare is written in the background (inline in tests).
+        self.start_checkpoint()
     }
 
     /// Read and validate the whole durable state. Creates the tables of a new database.
@@ -249,6 +642,7 @@ impl Store {
             }
             tx.commit()?;
         }
+        self.recover_log()?;
         let tx = self.db.begin_read()?;
         let mut state = DurableState::default();
         let meta = tx.open_table(META)?;
@@ -327,86 +721,43 @@ impl Store {
         Ok(Ok((sink, state)))
     }
 
-    /// Write one change set in one transaction. In `sync` mode the commit is durable when this
-    /// returns; in `async` mode it is durable after the next [`Store::flush`] (or at once when a
-    /// counter passes its reserved ceiling).
+    /// Write one change set as one log record. In `sync` mode it is durable when this
+    /// returns; in `async` mode after the next [`Store::flush`] (or at once when a counter
+    /// passes its reserved ceiling).
     ///
     /// # Errors
-    /// Any storage failure; the caller must stop (fail-stop): nothing in this batch may be
-    /// acknowledged.
+    /// Any storage failure (including a failed checkpoint); the caller must stop (fail-stop):
+    /// nothing in this batch may be acknowledged.
     pub fn apply(&mut self, changes: &ChangeSet) -> Result<CommitInfo, StoreError> {
-        let mut tx = self.db.begin_write()?;
+        self.poll_checkpoints(false)?;
         let mut durable = self.durability == Durability::Sync;
-        {
-            let mut meta = tx.open_table(META)?;
-            if let Some(v) = changes.fencing_next {
-                meta.insert(META_FENCING, v)?;
-                if self.durability == Durability::Async && v >= self.fencing_ceiling {
-                    self.fencing_ceiling = v + COUNTER_RESERVE;
-                    meta.insert(META_FENCING_CEILING, self.fencing_ceiling)?;
-                    durable = true;
-                }
+        let mut counters = Counters {
+            fencing_next: changes.fencing_next,
+            event_seq_next: changes.event_seq_next,
+            ..Counters::default()
+        };
+        if self.durability == Durability::Async {
+            if let Some(v) = changes.fencing_next
+                && v >= self.fencing_ceiling
+            {
+                self.fencing_ceiling = v + COUNTER_RESERVE;
+                counters.fencing_ceiling = Some(self.fencing_ceiling);
+                durable = true;
             }
-            if let Some(v) = changes.event_seq_next {
-                meta.insert(META_EVENT_SEQ, v)?;
-                if self.durability == Durability::Async && v >= self.event_seq_ceiling {
-                    self.event_seq_ceiling = v + COUNTER_RESERVE;
-                    meta.insert(META_EVENT_SEQ_CEILING, self.event_seq_ceiling)?;
-                    durable = true;
-                }
-            }
-            let mut leases = tx.open_table(LEASES)?;
-            for (id, record) in &changes.leases {
-                match record {
-                    Some(record) => {
-                        let bytes =
-                            postcard::to_stdvec(record).map_err(|e| StoreError::Corrupt {
-                                table: "leases",
-                                record: format!("lease {id}"),
-                                reason: format!("encode: {e}"),
-                            })?;
-                        leases.insert(id.0, bytes.as_slice())?;
-                    }
-                    None => {
-                        leases.remove(id.0)?;
-                    }
-                }
-            }
-            let mut idem = tx.open_table(IDEMPOTENCY)?;
-            for (key, record) in &changes.idempotency {
-                match record {
-                    Some(record) => {
-                        let bytes =
-                            postcard::to_stdvec(record).map_err(|e| StoreError::Corrupt {
-                                table: "idempotency",
-                                record: format!("key {key:?}"),
-                                reason: format!("encode: {e}"),
-                            })?;
-                        idem.insert(key.as_str(), bytes.as_slice())?;
-                    }
-                    None => {
-                        idem.remove(key.as_str())?;
-                    }
-                }
-            }
-            let mut delays = tx.open_table(LOCK_DELAYS)?;
-            for (key, until) in &changes.lock_delays {
-                match until {
-                    Some(until) => {
-                        delays.insert(key.as_str(), *until)?;
-                    }
-                    None => {
-                        delays.remove(key.as_str())?;
-                    }
-                }
+            if let Some(v) = changes.event_seq_next
+                && v >= self.event_seq_ceiling
+            {
+                self.event_seq_ceiling = v + COUNTER_RESERVE;
+                counters.event_seq_ceiling = Some(self.event_seq_ceiling);
+                durable = true;
             }
         }
-        tx.set_durability(if durable {
-            redb::Durability::Immediate
-        } else {
-            redb::Durability::None
-        })?;
-        tx.commit()?;
+        let Some(wal) = &mut self.wal else {
+            return Err(StoreError::Checkpointer(
+                "the store was not loaded before a commit".into(),
+            ));
+        };
+        wal.append(changes, counters, durable)?;
         if durable {
             self.unsynced = false;
             self.unsynced_since = None;
@@ -414,6 +765,7 @@ impl Store {
             self.unsynced = true;
             self.unsynced_since.get_or_insert_with(Instant::now);
         }
+        self.rotate_if_full()?;
         Ok(CommitInfo { synced: durable })
     }
 
@@ -427,7 +779,7 @@ impl Store {
         }
     }
 
-    /// Make every earlier commit durable (an empty durable commit). No-op if nothing is
+    /// Make every earlier commit durable (one `fdatasync` of the log). No-op if nothing is
     /// unsynced.
     ///
     /// # Errors
@@ -436,22 +788,26 @@ impl Store {
         if !self.unsynced {
             return Ok(false);
         }
-        let mut tx = self.db.begin_write()?;
-        tx.set_durability(redb::Durability::Immediate)?;
-        tx.commit()?;
+        let synced = match &mut self.wal {
+            Some(wal) => wal.sync()?,
+            None => false,
+        };
         self.unsynced = false;
         self.unsynced_since = None;
-        Ok(true)
+        Ok(synced)
     }
 }
 
 #[cfg(test)]
 mod crash_image_tests {
-    //! Crash images: a storage backend that keeps what was last synced; "crashing" reopens
-    //! from that image. Whatever sync the crash follows, recovery yields exactly the state
-    //! after some committed batch (never half of one), never goes back past a batch that was
-    //! acknowledged, and the engine accepts it.
+    //! Crash images: a machine whose redb file and log files keep what was last synced;
+    //! "crashing" reopens from that image, optionally with the first unsynced write of a log
+    //! file half done (a torn write). Whatever sync the crash follows, recovery yields exactly
+    //! the state after some committed batch (never half of one), never goes back past a batch
+    //! that was acknowledged, and the engine accepts it. Segments are tiny, so the history
+    //! rotates segments and runs checkpoints (inline) many times.
 
+    use std::collections::BTreeMap;
     use std::sync::{Arc, Mutex};
 
     use holdfast_core::{
@@ -459,14 +815,40 @@ mod crash_image_tests {
     };
 
     use super::*;
+    use crate::wal::WalFile;
+
+    /// Log segment size in these tests: a few batches each.
+    const TINY_SEGMENT: u64 = 200;
+
+    #[derive(Clone, Default)]
+    struct FileState {
+        volatile: Vec<u8>,
+        synced: Vec<u8>,
+        /// Writes since the last sync that counted.
+        pending: Vec<(usize, Vec<u8>)>,
+    }
 
     #[derive(Default)]
     struct DiskState {
+        /// The redb file.
         volatile: Vec<u8>,
         synced: Vec<u8>,
+        /// Syncs of any file or of the log directory.
         syncs: u64,
         /// Syncs after this many are lost (the "crash" happened there).
         freeze_after: Option<u64>,
+        /// Log files by inode, and the directory (name → inode) as seen and as synced.
+        inodes: Vec<FileState>,
+        dir: BTreeMap<String, usize>,
+        dir_synced: BTreeMap<String, usize>,
+    }
+
+    impl DiskState {
+        /// Count a sync; true if it reaches the disk.
+        fn sync_counts(&mut self) -> bool {
+            self.syncs += 1;
+            self.freeze_after.is_none_or(|n| self.syncs <= n)
+        }
     }
 
     #[derive(Clone, Default)]
@@ -478,16 +860,53 @@ mod crash_image_tests {
         }
     }
 
+    fn write_into(buf: &mut Vec<u8>, offset: usize, data: &[u8]) {
+        if buf.len() < offset + data.len() {
+            buf.resize(offset + data.len(), 0);
+        }
+        buf[offset..offset + data.len()].copy_from_slice(data);
+    }
+
     impl Disk {
-        fn with_image(image: Vec<u8>) -> Self {
+        fn state(&self) -> std::sync::MutexGuard<'_, DiskState> {
+            self.0.lock().unwrap()
+        }
+        /// What a restart after a crash finds: synced data only; with `torn`, the first
+        /// write after each log file's last sync is half on disk.
+        fn crash_image(&self, torn: bool) -> Disk {
+            let st = self.state();
+            let inodes = st
+                .inodes
+                .iter()
+                .map(|f| {
+                    let mut content = f.synced.clone();
+                    if torn && let Some((offset, data)) = f.pending.first() {
+                        write_into(&mut content, *offset, &data[..data.len() / 2]);
+                    }
+                    FileState {
+                        volatile: content.clone(),
+                        synced: content,
+                        pending: Vec::new(),
+                    }
+                })
+                .collect();
             Disk(Arc::new(Mutex::new(DiskState {
-                volatile: image.clone(),
-                synced: image,
+                volatile: st.synced.clone(),
+                synced: st.synced.clone(),
+                inodes,
+                dir: st.dir_synced.clone(),
+                dir_synced: st.dir_synced.clone(),
                 ..DiskState::default()
             })))
         }
-        fn state(&self) -> std::sync::MutexGuard<'_, DiskState> {
-            self.0.lock().unwrap()
+        fn open(&self, durability: Durability) -> Store {
+            Store::open_with_backend(
+                self.clone(),
+                Arc::new(MemFs(self.clone())),
+                durability,
+                TINY_SEGMENT,
+            )
+            .unwrap()
         }
     }
 
@@ -512,19 +931,100 @@ mod crash_image_tests {
         }
         fn sync_data(&self) -> std::io::Result<()> {
             let mut st = self.state();
-            st.syncs += 1;
-            if st.freeze_after.is_none_or(|n| st.syncs <= n) {
+            if st.sync_counts() {
                 st.synced = st.volatile.clone();
             }
             Ok(())
         }
         fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
             let mut st = self.state();
-            let start = usize::try_from(offset).unwrap();
-            if st.volatile.len() < start + data.len() {
-                st.volatile.resize(start + data.len(), 0);
+            write_into(&mut st.volatile, usize::try_from(offset).unwrap(), data);
+            Ok(())
+        }
+    }
+
+    /// The log directory of a [`Disk`].
+    struct MemFs(Disk);
+
+    struct MemFile {
+        disk: Disk,
+        inode: usize,
+    }
+
+    fn not_found(name: &str) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::NotFound, name.to_owned())
+    }
+
+    impl WalFs for MemFs {
+        fn list(&self) -> std::io::Result<Vec<String>> {
+            Ok(self.0.state().dir.keys().cloned().collect())
+        }
+        fn create(&self, name: &str) -> std::io::Result<Box<dyn WalFile>> {
+            let mut st = self.0.state();
+            st.inodes.push(FileState::default());
+            let inode = st.inodes.len() - 1;
+            st.dir.insert(name.to_owned(), inode);
+            Ok(Box::new(MemFile {
+                disk: self.0.clone(),
+                inode,
+            }))
+        }
+        fn open(&self, name: &str) -> std::io::Result<Box<dyn WalFile>> {
+            let inode = *self
+                .0
+                .state()
+                .dir
+                .get(name)
+                .ok_or_else(|| not_found(name))?;
+            Ok(Box::new(MemFile {
+                disk: self.0.clone(),
+                inode,
+            }))
+        }
+        fn read(&self, name: &str) -> std::io::Result<Vec<u8>> {
+            let st = self.0.state();
+            let inode = *st.dir.get(name).ok_or_else(|| not_found(name))?;
+            Ok(st.inodes[inode].volatile.clone())
+        }
+        fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+            let mut st = self.0.state();
+            let inode = st.dir.remove(from).ok_or_else(|| not_found(from))?;
+            st.dir.insert(to.to_owned(), inode);
+            Ok(())
+        }
+        fn remove(&self, name: &str) -> std::io::Result<()> {
+            self.0
+                .state()
+                .dir
+                .remove(name)
+                .ok_or_else(|| not_found(name))?;
+            Ok(())
+        }
+        fn sync_dir(&self) -> std::io::Result<()> {
+            let mut st = self.0.state();
+            if st.sync_counts() {
+                st.dir_synced = st.dir.clone();
             }
-            st.volatile[start..start + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    impl WalFile for MemFile {
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            let mut st = self.disk.state();
+            let offset = usize::try_from(offset).unwrap();
+            let file = &mut st.inodes[self.inode];
+            write_into(&mut file.volatile, offset, data);
+            file.pending.push((offset, data.to_vec()));
+            Ok(())
+        }
+        fn sync_data(&mut self) -> std::io::Result<()> {
+            let mut st = self.disk.state();
+            if st.sync_counts() {
+                let file = &mut st.inodes[self.inode];
+                file.synced = file.volatile.clone();
+                file.pending.clear();
+            }
             Ok(())
         }
     }
@@ -596,114 +1096,117 @@ mod crash_image_tests {
 
     #[test]
     fn every_crash_point_recovers_a_committed_prefix() {
-        // How many syncs the full history takes.
         // Syncs of the history after the database was created and loaded (a crash while a
         // brand-new database is being created leaves no database to recover).
-        let history_syncs = {
+        let (history_syncs, batches) = {
             let disk = Disk::default();
-            let mut store = Store::open_with_backend(disk.clone(), Durability::Sync).unwrap();
+            let mut store = disk.open(Durability::Sync);
             store.load().unwrap();
             let base = disk.state().syncs;
-            run_history(&mut store, &disk);
+            let batches = run_history(&mut store, &disk).len();
             drop(store);
-            disk.state().syncs - base
+            (disk.state().syncs - base, batches)
         };
-        assert!(history_syncs > 10, "{history_syncs}");
-        let mut last_index = 0;
-        for k in 0..=history_syncs {
-            let disk = Disk::default();
-            let mut store = Store::open_with_backend(disk.clone(), Durability::Sync).unwrap();
-            store.load().unwrap();
-            let freeze = {
-                let mut st = disk.state();
-                st.freeze_after = Some(st.syncs + k);
-                st.syncs + k
-            };
-            let counted = run_history_counted(&mut store, &disk);
-            drop(store);
-            // Every batch whose commit returned before the crash was acknowledged.
-            let acknowledged = counted
-                .iter()
-                .rposition(|(_, syncs)| *syncs <= freeze)
-                .unwrap_or(0);
-            let states: Vec<DurableState> = counted.into_iter().map(|(s, _)| s).collect();
-            let image = disk.state().synced.clone();
-            let mut recovered_store =
-                Store::open_with_backend(Disk::with_image(image), Durability::Sync).unwrap();
-            let recovered = normalized(recovered_store.load().unwrap());
-            let index = states
-                .iter()
-                .position(|s| *s == recovered)
-                .unwrap_or_else(|| panic!("crash after sync {freeze}: recovered state is no committed state: {recovered:?}"));
-            assert!(
-                index >= last_index,
-                "crash after sync {freeze}: went back from batch {last_index} to {index}"
-            );
-            assert!(
-                index >= acknowledged,
-                "crash after sync {freeze}: acknowledged batch {acknowledged} lost (recovered {index})"
-            );
-            last_index = index;
-            Engine::restore(Limits::default(), recovered, 2_000_000, 10_000).unwrap();
-        }
-        assert_eq!(
-            last_index,
-            {
+        assert!(history_syncs > 40, "{history_syncs}");
+        let mut rotations = 0;
+        for torn in [false, true] {
+            let mut last_index = 0;
+            for k in 0..=history_syncs {
                 let disk = Disk::default();
-                let mut store = Store::open_with_backend(disk.clone(), Durability::Sync).unwrap();
+                let mut store = disk.open(Durability::Sync);
                 store.load().unwrap();
-                run_history(&mut store, &disk).len() - 1
-            },
-            "the last crash point keeps every batch"
+                let freeze = {
+                    let mut st = disk.state();
+                    st.freeze_after = Some(st.syncs + k);
+                    st.syncs + k
+                };
+                let counted = run_history_counted(&mut store, &disk);
+                drop(store);
+                rotations = rotations.max(disk.state().inodes.len());
+                // Every batch whose commit returned before the crash was acknowledged.
+                let acknowledged = counted
+                    .iter()
+                    .rposition(|(_, syncs)| *syncs <= freeze)
+                    .unwrap_or(0);
+                let states: Vec<DurableState> = counted.into_iter().map(|(s, _)| s).collect();
+                let image = disk.crash_image(torn);
+                let recovered = normalized(image.open(Durability::Sync).load().unwrap());
+                let index = states
+                    .iter()
+                    .position(|s| *s == recovered)
+                    .unwrap_or_else(|| panic!("crash after sync {freeze} (torn: {torn}): recovered state is no committed state: {recovered:?}"));
+                assert!(
+                    index >= last_index,
+                    "crash after sync {freeze} (torn: {torn}): went back from batch {last_index} to {index}"
+                );
+                assert!(
+                    index >= acknowledged,
+                    "crash after sync {freeze} (torn: {torn}): acknowledged batch {acknowledged} lost (recovered {index})"
+                );
+                last_index = index;
+                Engine::restore(Limits::default(), recovered.clone(), 2_000_000, 10_000).unwrap();
+                // A second restart of the recovered image finds the same state.
+                let mut again = image.open(Durability::Sync);
+                assert_eq!(normalized(again.load().unwrap()), recovered);
+            }
+            assert_eq!(
+                last_index,
+                batches - 1,
+                "the last crash point keeps every batch"
+            );
+        }
+        assert!(
+            rotations > 8,
+            "the history rotated segments ({rotations} files)"
         );
     }
 
     #[test]
     fn async_crash_never_moves_fencing_tokens_back() {
-        let mut k = 0;
-        loop {
-            let disk = Disk::default();
-            let mut store = Store::open_with_backend(disk.clone(), Durability::Async).unwrap();
-            store.load().unwrap();
-            let base = {
-                let mut st = disk.state();
-                st.freeze_after = Some(st.syncs + k);
-                st.syncs
-            };
-            let states = run_history_counted(&mut store, &disk);
-            store.flush().unwrap();
-            drop(store);
-            let total = disk.state().syncs - base;
-            let image = disk.state().synced.clone();
-            let mut recovered_store =
-                Store::open_with_backend(Disk::with_image(image), Durability::Async).unwrap();
-            let recovered = normalized(recovered_store.load().unwrap());
-            // Grants acknowledged before the crash: their commit returned with at most
-            // `base + k` syncs done.
-            let max_token = states
-                .iter()
-                .filter(|(_, syncs)| *syncs <= base + k)
-                .flat_map(|(s, _)| {
-                    s.leases
-                        .iter()
-                        .flat_map(|l| l.locks.iter().map(|x| x.fencing_token))
-                })
-                .max()
-                .unwrap_or(0);
-            assert!(
-                recovered.fencing_next > max_token,
-                "crash after sync {k}: fencing_next {} <= issued {max_token}",
-                recovered.fencing_next
-            );
-            assert!(
-                states.iter().any(|(s, _)| s.leases == recovered.leases),
-                "crash after sync {k}: leases are not a committed prefix"
-            );
-            Engine::restore(Limits::default(), recovered, 2_000_000, 10_000).unwrap();
-            if k >= total {
-                break;
+        for torn in [false, true] {
+            let mut k = 0;
+            loop {
+                let disk = Disk::default();
+                let mut store = disk.open(Durability::Async);
+                store.load().unwrap();
+                let base = {
+                    let mut st = disk.state();
+                    st.freeze_after = Some(st.syncs + k);
+                    st.syncs
+                };
+                let states = run_history_counted(&mut store, &disk);
+                store.flush().unwrap();
+                drop(store);
+                let total = disk.state().syncs - base;
+                let mut recovered_store = disk.crash_image(torn).open(Durability::Async);
+                let recovered = normalized(recovered_store.load().unwrap());
+                // Grants acknowledged before the crash: their commit returned with at most
+                // `base + k` syncs done.
+                let max_token = states
+                    .iter()
+                    .filter(|(_, syncs)| *syncs <= base + k)
+                    .flat_map(|(s, _)| {
+                        s.leases
+                            .iter()
+                            .flat_map(|l| l.locks.iter().map(|x| x.fencing_token))
+                    })
+                    .max()
+                    .unwrap_or(0);
+                assert!(
+                    recovered.fencing_next > max_token,
+                    "crash after sync {k} (torn: {torn}): fencing_next {} <= issued {max_token}",
+                    recovered.fencing_next
+                );
+                assert!(
+                    states.iter().any(|(s, _)| s.leases == recovered.leases),
+                    "crash after sync {k} (torn: {torn}): leases are not a committed prefix"
+                );
+                Engine::restore(Limits::default(), recovered, 2_000_000, 10_000).unwrap();
+                if k >= total {
+                    break;
+                }
+                k += 1;
             }
-            k += 1;
         }
     }
 }
