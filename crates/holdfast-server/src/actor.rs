@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -50,7 +50,7 @@ use crate::convert::{holder_info, lock_state};
 use crate::error::ApiError;
 use crate::events::EventHub;
 use crate::metrics::{self as m, Latencies};
-use crate::store::Store;
+use crate::store::{Store, SyncHooks};
 
 /// Reply channel of a command.
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -308,7 +308,9 @@ pub struct ServerCounters {
 /// The handlers' side: send commands, await answers.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: Sender<Command>,
+    /// Shared by the clones; the syncer thread holds it weakly (to send undos), so the host
+    /// still sees the channel close when the last handle is dropped.
+    tx: Arc<Sender<Command>>,
     queued: Arc<AtomicUsize>,
     queue_max: usize,
     next_request_id: Arc<AtomicU64>,
@@ -480,6 +482,8 @@ pub struct Host {
     counters: Arc<ServerCounters>,
     failed: Arc<AtomicBool>,
     exit_on_store_failure: bool,
+    /// For undoing a grant whose delivery failed on the syncer thread.
+    undo_tx: Weak<Sender<Command>>,
     pending: HashMap<WaiterId, (u64, Pending)>,
     by_request: HashMap<u64, WaiterId>,
     /// Owner of every live lease created under a token (absent: no owner), and live leases
@@ -525,6 +529,7 @@ pub struct HostParts {
 /// The thread could not be spawned.
 pub fn spawn(parts: HostParts) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::unbounded();
+    let tx = Arc::new(tx);
     let queued = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicBool::new(false));
     // Only leases created under a token are tracked (open mode: none): no per-lease cost
@@ -538,9 +543,33 @@ pub fn spawn(parts: HostParts) -> std::io::Result<(EngineHandle, std::thread::Jo
         }
     }
     let inline_mode = parts.store.is_none();
+    let mut store = parts.store;
+    if let Some(store) = &mut store {
+        let counters = Arc::clone(&parts.counters);
+        let failed = Arc::clone(&failed);
+        let exit_on_failure = parts.exit_on_store_failure;
+        store
+            .start_syncer(SyncHooks {
+                on_sync: Box::new(move || {
+                    metrics::counter!(m::FSYNCS).increment(1);
+                    counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                }),
+                on_failure: Box::new(move |error| {
+                    tracing::error!(
+                        error,
+                        "log sync failed: stopping (fail-stop); restart recovers from the last durable commit"
+                    );
+                    failed.store(true, Ordering::SeqCst);
+                    if exit_on_failure {
+                        std::process::exit(70);
+                    }
+                }),
+            })
+            .map_err(std::io::Error::other)?;
+    }
     let host = Host {
         engine: parts.engine,
-        store: parts.store,
+        store,
         durability: parts.durability,
         async_flush: Duration::from_millis(parts.async_flush_ms),
         scheduled_wake: None,
@@ -551,6 +580,7 @@ pub fn spawn(parts: HostParts) -> std::io::Result<(EngineHandle, std::thread::Jo
         counters: parts.counters,
         failed: Arc::clone(&failed),
         exit_on_store_failure: parts.exit_on_store_failure,
+        undo_tx: Arc::downgrade(&tx),
         pending: HashMap::new(),
         by_request: HashMap::new(),
         owners,
@@ -1113,43 +1143,40 @@ impl Host {
                 ChangeSet::default()
             };
             let events = self.engine.take_events();
-            if !changes.is_empty() {
+            self.log_events(&events);
+            if self.store.is_some() {
+                // Replies and events go out once the batch is durable: with the syncer thread,
+                // after this returns; a failed delivery then comes back as an undo command.
                 self.track_owners(&changes);
-                if let Some(store) = &mut self.store {
-                    let started = Instant::now();
-                    match store.apply(&changes) {
-                        Ok(info) => {
+                let Some(store) = &mut self.store else {
+                    return false;
+                };
+                let hub = Arc::clone(&self.hub);
+                let undo = self.undo_tx.clone();
+                let batch = std::mem::take(&mut deliveries);
+                let started = Instant::now();
+                let then = Box::new(move || {
+                    hub.publish(events);
+                    deliver_later(batch, &undo);
+                });
+                match store.commit(&changes, then) {
+                    Ok(info) => {
+                        if !changes.is_empty() {
                             metrics::histogram!(m::COMMIT_SECONDS)
                                 .record(started.elapsed().as_secs_f64());
                             metrics::counter!(m::COMMITS).increment(1);
                             self.counters.commits.fetch_add(1, Ordering::Relaxed);
-                            if info.synced {
-                                metrics::counter!(m::FSYNCS).increment(1);
-                                self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-                            }
                         }
-                        Err(e) => {
-                            self.store_failed(&e.to_string());
-                            return false;
+                        if info.synced {
+                            metrics::counter!(m::FSYNCS).increment(1);
+                            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
                         }
+                        return true;
                     }
-                }
-            }
-            for e in &events {
-                self.latencies.record(e);
-                match &e.kind {
-                    holdfast_core::EventKind::Expired => tracing::info!(
-                        key = e.key.as_deref().unwrap_or(""),
-                        holder = %e.holder,
-                        fencing_token = e.fencing_token,
-                        "lease expired: lock lost"
-                    ),
-                    holdfast_core::EventKind::Deadlock => tracing::info!(
-                        key = e.key.as_deref().unwrap_or(""),
-                        holder = %e.holder,
-                        "deadlock: request refused (requester is the victim)"
-                    ),
-                    _ => {}
+                    Err(e) => {
+                        self.store_failed(&e.to_string());
+                        return false;
+                    }
                 }
             }
             self.hub.publish(events);
@@ -1180,6 +1207,27 @@ impl Host {
         }
     }
 
+    /// Latency statistics and log lines for a batch's events.
+    fn log_events(&mut self, events: &[holdfast_core::Event]) {
+        for e in events {
+            self.latencies.record(e);
+            match &e.kind {
+                holdfast_core::EventKind::Expired => tracing::info!(
+                    key = e.key.as_deref().unwrap_or(""),
+                    holder = %e.holder,
+                    fencing_token = e.fencing_token,
+                    "lease expired: lock lost"
+                ),
+                holdfast_core::EventKind::Deadlock => tracing::info!(
+                    key = e.key.as_deref().unwrap_or(""),
+                    holder = %e.holder,
+                    "deadlock: request refused (requester is the victim)"
+                ),
+                _ => {}
+            }
+        }
+    }
+
     fn store_failed(&mut self, error: &str) {
         tracing::error!(
             error,
@@ -1206,6 +1254,36 @@ impl Host {
             tracing::error!(error = %e, "final flush failed");
         }
         tracing::info!("engine host stopped");
+    }
+}
+
+/// Send a durable batch's replies (on the syncer thread, or on the host when nothing waits for
+/// a sync). A reply nobody takes any more is undone through the host's queue, like the undo of
+/// a dropped handler ([`CancelOnDrop`]).
+fn deliver_later(deliveries: Vec<Delivery>, undo: &Weak<Sender<Command>>) {
+    for d in deliveries {
+        let command = match d {
+            Delivery::Grant(reply, value) => match reply.send(value) {
+                Err(Ok(grant)) => Some(Command::UndoGrant { grant }),
+                _ => None,
+            },
+            Delivery::Idem(reply, _key, value) => match reply.send(value) {
+                Err(Ok(IdempotencyOutcome::Started(lease))) => Some(Command::ReleaseOrphanLease {
+                    lease_id: lease.lease_id,
+                }),
+                _ => None,
+            },
+            Delivery::Other(f) => {
+                f();
+                None
+            }
+        };
+        if let Some(command) = command
+            && let Some(tx) = undo.upgrade()
+        {
+            // A closed queue means the host stopped: a restart recovers the state anyway.
+            let _ = tx.send(command);
+        }
     }
 }
 

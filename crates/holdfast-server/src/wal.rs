@@ -14,20 +14,22 @@
 //! redb the same way before the database is read, so the rest of the store only ever reads
 //! redb.
 //!
-//! Record layout (8-byte aligned, little-endian):
-//! `len u32 | flags u32 | seq u64 | crc32 u32 | 0 u32 | payload (len bytes) | zero padding`,
-//! where the CRC covers the first 16 header bytes and the payload. `seq` numbers the batches
-//! consecutively across segments; a segment is named after the first batch it holds.
-//! `FLAG_PREV_DURABLE` says that every earlier record had been synced when this one was
-//! written. Recovery follows the chain of consecutive records from the first segment; where it
-//! ends (a torn or never-written record), any later record that is intact and carries the flag
-//! proves that the damaged record had been synced, i.e. acknowledged: the startup then stops
-//! with an error instead of dropping it. A damaged tail without such a witness is a commit that
-//! was never acknowledged (or, in `async` mode, not yet flushed) and is discarded.
+//! Record layout (8-byte aligned, little-endian): `len u32 | flags u32 | seq u64 |
+//! durable u64 | crc32 u32 | 0 u32 | payload (len bytes) | zero padding`, where the CRC covers
+//! the first 24 header bytes and the payload. `seq` numbers the batches consecutively across
+//! segments; a segment is named after the first batch it holds. `durable` is the last batch
+//! known to be synced when this record was written. Recovery follows the chain of consecutive
+//! records from the first segment; where it ends (a torn or never-written record), any later
+//! intact record whose `durable` reaches the damaged batch proves that batch had been synced,
+//! i.e. possibly acknowledged: the startup then stops with an error instead of dropping it. A
+//! damaged tail without such a witness is a commit that was never acknowledged (or, in `async`
+//! mode, not yet flushed) and is discarded.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use holdfast_core::ChangeSet;
 
@@ -39,9 +41,7 @@ pub const SEGMENT_BYTES: u64 = 8 << 20;
 pub const SPARE: &str = "spare.log";
 /// A spare being written (deleted at startup: it may be incomplete).
 const SPARE_TMP: &str = "spare.tmp";
-const HEADER: usize = 24;
-/// Every earlier record was durable when this one was written.
-const FLAG_PREV_DURABLE: u32 = 1;
+const HEADER: usize = 32;
 
 /// The files of the log. The server uses [`DirFs`]; the crash tests use one that can forget
 /// whatever was not synced.
@@ -95,6 +95,20 @@ pub trait WalFile: Send {
     /// # Errors
     /// The sync failed.
     fn sync_data(&mut self) -> io::Result<()>;
+    /// A handle that syncs this file from another thread.
+    ///
+    /// # Errors
+    /// The file cannot be shared.
+    fn sync_handle(&self) -> io::Result<Arc<dyn WalSync>>;
+}
+
+/// Syncs one log file; shared with the thread that syncs in `sync` mode.
+pub trait WalSync: Send + Sync {
+    /// `fdatasync` the file.
+    ///
+    /// # Errors
+    /// The sync failed.
+    fn sync_data(&self) -> io::Result<()>;
 }
 
 /// The log in a real directory.
@@ -123,6 +137,17 @@ impl WalFile for DirFile {
         std::os::unix::fs::FileExt::write_all_at(&self.0, data, offset)
     }
     fn sync_data(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn sync_handle(&self) -> io::Result<Arc<dyn WalSync>> {
+        Ok(Arc::new(DirSync(self.0.try_clone()?)))
+    }
+}
+
+struct DirSync(std::fs::File);
+
+impl WalSync for DirSync {
+    fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
     }
 }
@@ -170,7 +195,7 @@ pub fn segment_name(seq: u64) -> String {
 }
 
 /// The first batch of a segment, from its name; `None` for other files.
-fn segment_seq(name: &str) -> Option<u64> {
+pub fn segment_seq(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".log")?;
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
         .then(|| digits.parse().ok())
@@ -470,7 +495,7 @@ fn round_up8(n: usize) -> usize {
 /// Frame a batch into `buf` (cleared first).
 fn encode_record(
     seq: u64,
-    flags: u32,
+    durable: u64,
     changes: &ChangeSet,
     counters: Counters,
     buf: &mut Vec<u8>,
@@ -481,12 +506,12 @@ fn encode_record(
     let len = buf.len() - HEADER;
     let len32 = u32::try_from(len).map_err(|_| format!("batch of {len} bytes"))?;
     buf[0..4].copy_from_slice(&len32.to_le_bytes());
-    buf[4..8].copy_from_slice(&flags.to_le_bytes());
     buf[8..16].copy_from_slice(&seq.to_le_bytes());
+    buf[16..24].copy_from_slice(&durable.to_le_bytes());
     let mut crc = crc32fast::Hasher::new();
-    crc.update(&buf[0..16]);
+    crc.update(&buf[0..24]);
     crc.update(&buf[HEADER..]);
-    buf[16..20].copy_from_slice(&crc.finalize().to_le_bytes());
+    buf[24..28].copy_from_slice(&crc.finalize().to_le_bytes());
     buf.resize(HEADER + round_up8(len), 0);
     Ok(())
 }
@@ -494,7 +519,8 @@ fn encode_record(
 /// One intact record.
 struct Frame<'a> {
     seq: u64,
-    flags: u32,
+    /// The last batch known durable when this one was written.
+    durable: u64,
     payload: &'a [u8],
     /// Offset just after the record (and its padding).
     end: usize,
@@ -505,22 +531,25 @@ fn frame_at(bytes: &[u8], offset: usize) -> Option<Frame<'_>> {
     let h = bytes.get(offset..offset.checked_add(HEADER)?)?;
     let word = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     let len = word(0) as usize;
-    if len == 0 || word(20) != 0 {
+    if len == 0 || word(4) != 0 || word(28) != 0 {
         return None;
     }
     let start = offset + HEADER;
     let payload = bytes.get(start..start.checked_add(len)?)?;
     let mut crc = crc32fast::Hasher::new();
-    crc.update(&h[0..16]);
+    crc.update(&h[0..24]);
     crc.update(payload);
-    if crc.finalize() != word(16) {
+    if crc.finalize() != word(24) {
         return None;
     }
-    let mut seq = [0u8; 8];
-    seq.copy_from_slice(&h[8..16]);
+    let long = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&h[i..i + 8]);
+        u64::from_le_bytes(a)
+    };
     Some(Frame {
-        seq: u64::from_le_bytes(seq),
-        flags: word(4),
+        seq: long(8),
+        durable: long(16),
         payload,
         end: start + round_up8(len),
     })
@@ -600,8 +629,8 @@ pub fn replay<'a>(
     let Some((stop_index, stop_offset)) = stop else {
         return Ok(end);
     };
-    // Beyond the end of the chain: any intact record written when everything before it was
-    // durable proves that a durable record was lost.
+    // Beyond the end of the chain: an intact record written when the damaged batch was
+    // already durable proves that a durable batch was lost.
     let expected = expected.unwrap_or(applied + 1);
     let mut damaged = false;
     for (index, (name, bytes)) in segments.iter().enumerate().skip(stop_index) {
@@ -613,8 +642,8 @@ pub fn replay<'a>(
                     .any(|&b| b != 0);
             }
             if let Some(frame) = frame_at(bytes, offset)
-                && frame.seq >= expected
-                && frame.flags & FLAG_PREV_DURABLE != 0
+                && frame.seq > expected
+                && frame.durable >= expected
             {
                 return Err(corrupt(
                     name,
@@ -633,26 +662,33 @@ pub fn replay<'a>(
     Ok(end)
 }
 
-/// Fold the records of closed segments (written completely by this process) from `first` on.
+/// Fold the batches after `after` of closed segments (no longer written to): one chain of
+/// batches that must end at `last`. A segment left from before a restart may end in a
+/// discarded half-written batch; its chain continues in the next segment.
 ///
 /// # Errors
-/// `Corrupt` if they are not one chain of batches ending at `last`.
+/// `Corrupt` if the chain does not end at `last`, or a record does not decode.
 pub fn fold_closed<'a>(
     segments: &'a [(String, Vec<u8>)],
+    after: u64,
     last: u64,
     folded: &mut Folded<'a>,
 ) -> Result<(), WalError> {
+    let mut expected: Option<u64> = None;
     for (name, bytes) in segments {
         let mut offset = 0;
         while let Some(frame) = frame_at(bytes, offset) {
-            if folded.last_seq.is_some_and(|s| frame.seq != s + 1) {
+            if expected.is_some_and(|e| frame.seq != e) {
                 break;
             }
-            fold_payload(frame.payload, folded).map_err(|reason| WalError::Corrupt {
-                segment: name.clone(),
-                reason: format!("batch {} at offset {offset}: {reason}", frame.seq),
-            })?;
-            folded.last_seq = Some(frame.seq);
+            if frame.seq > after {
+                fold_payload(frame.payload, folded).map_err(|reason| WalError::Corrupt {
+                    segment: name.clone(),
+                    reason: format!("batch {} at offset {offset}: {reason}", frame.seq),
+                })?;
+                folded.last_seq = Some(frame.seq);
+            }
+            expected = Some(frame.seq + 1);
             offset = frame.end;
         }
     }
@@ -670,13 +706,15 @@ pub fn fold_closed<'a>(
 
 /// The appending side of the log, owned by the engine host.
 pub struct WalWriter {
-    fs: std::sync::Arc<dyn WalFs>,
+    fs: Arc<dyn WalFs>,
     file: Box<dyn WalFile>,
+    /// Syncs `file` from the syncer thread.
+    file_sync: Arc<dyn WalSync>,
     name: String,
     offset: u64,
     next_seq: u64,
-    /// A record was written since the last sync.
-    unsynced: bool,
+    /// The last batch known to be on disk (advanced here and by the syncer thread).
+    durable: Arc<AtomicU64>,
     segment_bytes: u64,
     buf: Vec<u8>,
 }
@@ -707,7 +745,7 @@ impl WalWriter {
     /// # Errors
     /// Storage failure.
     pub fn start(
-        fs: std::sync::Arc<dyn WalFs>,
+        fs: Arc<dyn WalFs>,
         next_seq: u64,
         spare: bool,
         segment_bytes: u64,
@@ -722,17 +760,36 @@ impl WalWriter {
         fs.sync_dir()?;
         Ok(Self {
             fs,
+            file_sync: file.sync_handle()?,
             file,
             name,
             offset: 0,
             next_seq,
-            unsynced: false,
+            durable: Arc::new(AtomicU64::new(next_seq - 1)),
             segment_bytes,
             buf: Vec::new(),
         })
     }
 
-    /// Append one batch; with `durable` it is on disk when this returns.
+    /// The last batch written.
+    #[must_use]
+    pub fn written(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// The last batch known to be on disk; shared with whoever syncs on another thread.
+    #[must_use]
+    pub fn durable(&self) -> &Arc<AtomicU64> {
+        &self.durable
+    }
+
+    /// Syncs the current segment from another thread.
+    #[must_use]
+    pub fn file_sync(&self) -> Arc<dyn WalSync> {
+        Arc::clone(&self.file_sync)
+    }
+
+    /// Append one batch; with `sync_now` it is on disk when this returns. Returns its number.
     ///
     /// # Errors
     /// Storage failure (the caller must stop), or a batch that cannot be encoded.
@@ -740,27 +797,27 @@ impl WalWriter {
         &mut self,
         changes: &ChangeSet,
         counters: Counters,
-        durable: bool,
-    ) -> Result<(), WalError> {
-        let flags = if self.unsynced { 0 } else { FLAG_PREV_DURABLE };
-        encode_record(self.next_seq, flags, changes, counters, &mut self.buf).map_err(
-            |reason| WalError::Corrupt {
+        sync_now: bool,
+    ) -> Result<u64, WalError> {
+        let seq = self.next_seq;
+        let durable = self.durable.load(Ordering::Acquire);
+        encode_record(seq, durable, changes, counters, &mut self.buf).map_err(|reason| {
+            WalError::Corrupt {
                 segment: self.name.clone(),
                 reason,
-            },
-        )?;
+            }
+        })?;
         self.file.write_at(self.offset, &self.buf)?;
         self.offset += self.buf.len() as u64;
         self.next_seq += 1;
-        self.unsynced = true;
-        if durable {
+        if sync_now {
             self.sync()?;
         }
         // A large batch's buffer is not kept.
         if self.buf.capacity() > 1 << 20 {
             self.buf = Vec::new();
         }
-        Ok(())
+        Ok(seq)
     }
 
     /// Sync what was written; false if there was nothing to sync.
@@ -768,11 +825,12 @@ impl WalWriter {
     /// # Errors
     /// Storage failure.
     pub fn sync(&mut self) -> io::Result<bool> {
-        if !self.unsynced {
+        let written = self.written();
+        if self.durable.load(Ordering::Acquire) >= written {
             return Ok(false);
         }
         self.file.sync_data()?;
-        self.unsynced = false;
+        self.durable.fetch_max(written, Ordering::AcqRel);
         Ok(true)
     }
 
@@ -792,6 +850,7 @@ impl WalWriter {
         self.fs.rename(SPARE, &name)?;
         self.fs.sync_dir()?;
         let file = self.fs.open(&name)?;
+        self.file_sync = file.sync_handle()?;
         self.file = file;
         self.offset = 0;
         Ok(Closed {
@@ -834,13 +893,13 @@ mod tests {
         cs
     }
 
-    fn record(seq: u64, flags: u32, cs: &ChangeSet) -> Vec<u8> {
+    fn record(seq: u64, durable: u64, cs: &ChangeSet) -> Vec<u8> {
         let mut buf = Vec::new();
         let counters = Counters {
             fencing_next: cs.fencing_next,
             ..Counters::default()
         };
-        encode_record(seq, flags, cs, counters, &mut buf).unwrap();
+        encode_record(seq, durable, cs, counters, &mut buf).unwrap();
         buf
     }
 
@@ -853,10 +912,10 @@ mod tests {
     #[test]
     fn a_batch_round_trips_through_a_record() {
         let cs = changes(7, true);
-        let bytes = record(3, FLAG_PREV_DURABLE, &cs);
+        let bytes = record(3, 2, &cs);
         assert_eq!(bytes.len() % 8, 0);
         let frame = frame_at(&bytes, 0).unwrap();
-        assert_eq!((frame.seq, frame.flags, frame.end), (3, 1, bytes.len()));
+        assert_eq!((frame.seq, frame.durable, frame.end), (3, 2, bytes.len()));
         let mut folded = Folded::default();
         fold_payload(frame.payload, &mut folded).unwrap();
         let stored = postcard::to_stdvec(cs.leases[&LeaseId(7)].as_ref().unwrap()).unwrap();
@@ -878,12 +937,12 @@ mod tests {
     fn replay_follows_the_chain_across_segments_and_skips_applied_batches() {
         let a = segment(
             &[
-                record(1, 1, &changes(1, true)),
+                record(1, 0, &changes(1, true)),
                 record(2, 1, &changes(2, true)),
             ],
             512,
         );
-        let b = segment(&[record(3, 1, &changes(1, false))], 512);
+        let b = segment(&[record(3, 2, &changes(1, false))], 512);
         let segments = vec![(segment_name(1), a), (segment_name(3), b)];
         let mut folded = Folded::default();
         let end = replay(&segments, 1, &mut folded).unwrap();
@@ -906,9 +965,9 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_discarded_but_a_damaged_durable_batch_stops_the_startup() {
-        let r1 = record(1, 1, &changes(1, true));
+        let r1 = record(1, 0, &changes(1, true));
         let r2 = record(2, 1, &changes(2, true));
-        let r3 = record(3, 1, &changes(3, true));
+        let r3 = record(3, 2, &changes(3, true));
         // The last write was cut in half: discarded.
         let mut torn = r2.clone();
         torn.truncate(r2.len() / 2);
@@ -927,8 +986,9 @@ mod tests {
         let err = replay(&segments, 0, &mut Folded::default()).unwrap_err();
         assert!(err.to_string().contains("durable batch 3"), "{err}");
 
-        // The same in async mode (3 written before 2 was synced): 3 is discarded with 2.
-        let r3_async = record(3, 0, &changes(3, true));
+        // The same when 3 was written before 2 was synced (async mode, or the syncer thread
+        // behind): 3 is discarded with 2.
+        let r3_async = record(3, 1, &changes(3, true));
         let seg = segment(&[r1.clone(), bad, r3_async], 1024);
         let segments = vec![(segment_name(1), seg)];
         let mut folded = Folded::default();
@@ -944,10 +1004,10 @@ mod tests {
 
     #[test]
     fn a_witness_in_a_later_segment_also_counts() {
-        let r1 = record(1, 1, &changes(1, true));
+        let r1 = record(1, 0, &changes(1, true));
         let mut r2 = record(2, 1, &changes(2, true));
         r2[HEADER] ^= 1;
-        let r3 = record(3, 1, &changes(3, true));
+        let r3 = record(3, 2, &changes(3, true));
         let segments = vec![
             (segment_name(1), segment(&[r1, r2], 512)),
             (segment_name(3), segment(&[r3], 512)),
