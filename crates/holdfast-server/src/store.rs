@@ -306,25 +306,36 @@ fn run_syncer(
     }
 }
 
-/// Fold closed segments into redb (one durable transaction), delete them, write a spare.
+/// Fold closed segments into redb, one segment per durable transaction (so that a checkpoint
+/// that fell behind never holds more than one segment in memory), delete them, write a spare.
 fn run_job(
     db: &Database,
     fs: &dyn WalFs,
     job: &Job,
     segment_bytes: u64,
 ) -> Result<bool, StoreError> {
-    if let Some(last) = job.segments.last() {
-        let mut data = Vec::with_capacity(job.segments.len());
-        for segment in &job.segments {
-            data.push((segment.name.clone(), fs.read(&segment.name)?));
-        }
+    let mut expected = None;
+    let mut folded_up_to = job.after;
+    for segment in &job.segments {
+        let data = (segment.name.clone(), fs.read(&segment.name)?);
         let mut folded = Folded::default();
-        wal::fold_closed(&data, job.after, last.last, &mut folded)?;
+        wal::fold_closed(&data, folded_up_to, &mut expected, &mut folded)?;
         write_folded(db, &folded)?;
-        for segment in &job.segments {
-            fs.remove(&segment.name)?;
-        }
+        folded_up_to = folded.last_seq.unwrap_or(folded_up_to);
+        fs.remove(&segment.name)?;
+    }
+    if let Some(last) = job.segments.last() {
         fs.sync_dir()?;
+        if folded_up_to != last.last {
+            return Err(WalError::Corrupt {
+                segment: last.name.clone(),
+                reason: format!(
+                    "closed segments end at batch {folded_up_to}, expected {}",
+                    last.last
+                ),
+            }
+            .into());
+        }
     }
     if job.make_spare {
         wal::make_spare(fs, segment_bytes)?;

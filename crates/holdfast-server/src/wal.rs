@@ -662,44 +662,34 @@ pub fn replay<'a>(
     Ok(end)
 }
 
-/// Fold the batches after `after` of closed segments (no longer written to): one chain of
-/// batches that must end at `last`. A segment left from before a restart may end in a
-/// discarded half-written batch; its chain continues in the next segment.
+/// Fold the batches after `after` of one closed segment (no longer written to), continuing the
+/// chain of batches at `expected` (updated to the batch after its last). A segment left from
+/// before a restart may end in a discarded half-written batch; the chain continues in the next
+/// segment.
 ///
 /// # Errors
-/// `Corrupt` if the chain does not end at `last`, or a record does not decode.
+/// `Corrupt` if a record does not decode.
 pub fn fold_closed<'a>(
-    segments: &'a [(String, Vec<u8>)],
+    segment: &'a (String, Vec<u8>),
     after: u64,
-    last: u64,
+    expected: &mut Option<u64>,
     folded: &mut Folded<'a>,
 ) -> Result<(), WalError> {
-    let mut expected: Option<u64> = None;
-    for (name, bytes) in segments {
-        let mut offset = 0;
-        while let Some(frame) = frame_at(bytes, offset) {
-            if expected.is_some_and(|e| frame.seq != e) {
-                break;
-            }
-            if frame.seq > after {
-                fold_payload(frame.payload, folded).map_err(|reason| WalError::Corrupt {
-                    segment: name.clone(),
-                    reason: format!("batch {} at offset {offset}: {reason}", frame.seq),
-                })?;
-                folded.last_seq = Some(frame.seq);
-            }
-            expected = Some(frame.seq + 1);
-            offset = frame.end;
+    let (name, bytes) = segment;
+    let mut offset = 0;
+    while let Some(frame) = frame_at(bytes, offset) {
+        if expected.is_some_and(|e| frame.seq != e) {
+            break;
         }
-    }
-    if folded.last_seq != Some(last) {
-        return Err(WalError::Corrupt {
-            segment: segments.last().map(|(n, _)| n.clone()).unwrap_or_default(),
-            reason: format!(
-                "closed segments end at batch {:?}, expected {last}",
-                folded.last_seq
-            ),
-        });
+        if frame.seq > after {
+            fold_payload(frame.payload, folded).map_err(|reason| WalError::Corrupt {
+                segment: name.clone(),
+                reason: format!("batch {} at offset {offset}: {reason}", frame.seq),
+            })?;
+            folded.last_seq = Some(frame.seq);
+        }
+        *expected = Some(frame.seq + 1);
+        offset = frame.end;
     }
     Ok(())
 }
