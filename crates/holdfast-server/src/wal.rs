@@ -36,7 +36,7 @@ use holdfast_core::ChangeSet;
 /// Sub-directory of the data directory that holds the segments.
 pub const WAL_DIR: &str = "wal";
 /// Size of a segment (and of the zero-filled spare).
-pub const SEGMENT_BYTES: u64 = 8 << 20;
+pub const SEGMENT_BYTES: u64 = 4 << 20;
 /// The zero-filled next segment, ready to be renamed into place.
 pub const SPARE: &str = "spare.log";
 /// A spare being written (deleted at startup: it may be incomplete).
