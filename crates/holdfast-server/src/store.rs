@@ -1143,6 +1143,8 @@ mod crash_image_tests {
         syncs: u64,
         /// Syncs after this many are lost (the "crash" happened there).
         freeze_after: Option<u64>,
+        /// Log file syncs fail (a disk error).
+        fail_syncs: bool,
         /// Log files by inode, and the directory (name → inode) as seen and as synced.
         inodes: Vec<FileState>,
         dir: BTreeMap<String, usize>,
@@ -1338,6 +1340,9 @@ mod crash_image_tests {
     impl WalSync for MemFile {
         fn sync_data(&self) -> std::io::Result<()> {
             let mut st = self.disk.state();
+            if st.fail_syncs {
+                return Err(std::io::Error::other("injected I/O error"));
+            }
             if st.sync_counts() {
                 let file = &mut st.inodes[self.inode];
                 file.synced = file.volatile.clone();
@@ -1572,6 +1577,84 @@ mod crash_image_tests {
                 k += 1;
             }
         }
+    }
+
+    /// Polls `done` a bounded number of times (a hang guard, not a speed check).
+    fn poll_until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..20_000 {
+            if done() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("gave up waiting until {what}");
+    }
+
+    #[test]
+    fn a_failed_sync_delivers_nothing_more_and_stops_every_later_commit() {
+        let disk = Disk::default();
+        let mut store = disk.open(Durability::Sync);
+        store.load().unwrap();
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&failed);
+        store
+            .start_syncer(SyncHooks {
+                on_sync: Box::new(|| {}),
+                on_failure: Box::new(move |_| flag.store(true, Ordering::SeqCst)),
+            })
+            .unwrap();
+        let delivered = Arc::new(Mutex::new(Vec::new()));
+        let mut states = Vec::new();
+        let history_states = history(|index, changes| {
+            if index == 3 {
+                disk.state().fail_syncs = true;
+            }
+            let sink = Arc::clone(&delivered);
+            let outcome = store.commit(changes, Box::new(move || sink.lock().unwrap().push(index)));
+            states.push((index, outcome.is_ok()));
+            if index == 1 {
+                poll_until("batch 1 is delivered", || {
+                    delivered.lock().unwrap().contains(&1)
+                });
+            }
+            if index == 3 {
+                poll_until("the sync failure is reported", || {
+                    failed.load(Ordering::SeqCst)
+                });
+            }
+        });
+        // Batch 2 may or may not have been synced before the failure; batch 3 never was.
+        let delivered = delivered.lock().unwrap().clone();
+        assert!(delivered.starts_with(&[1]), "{delivered:?}");
+        assert!(
+            !delivered.contains(&3),
+            "a batch whose sync failed was delivered"
+        );
+        assert!(delivered.iter().all(|i| *i < 3), "{delivered:?}");
+        // Every commit after the failure is refused (fail-stop).
+        let refused: Vec<usize> = states
+            .iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(i, _)| *i)
+            .collect();
+        assert!(
+            !refused.is_empty() && refused.iter().all(|i| *i > 3),
+            "{states:?}"
+        );
+        assert_eq!(refused.first(), Some(&4), "{states:?}");
+        drop(store);
+        // Restarted (the disk works again): a committed state, with every delivered batch.
+        let image = disk.crash_image(false);
+        image.state().fail_syncs = false;
+        let recovered = normalized(image.open(Durability::Sync).load().unwrap());
+        let index = history_states
+            .iter()
+            .position(|s| *s == recovered)
+            .expect("recovered state is a committed state");
+        assert!(
+            index >= *delivered.iter().max().unwrap(),
+            "{index} {delivered:?}"
+        );
     }
 
     #[test]
