@@ -1918,6 +1918,36 @@ mod tests {
     }
 
     #[test]
+    fn an_undecodable_record_in_the_log_stops_the_startup_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
+            store.load().unwrap();
+        }
+        // Batch 1, intact (its checksum matches), writing lease 7 as bytes that do not decode.
+        let mut payload = vec![0u8];
+        payload.extend_from_slice(&1u32.to_le_bytes());
+        payload.extend_from_slice(&7u128.to_le_bytes());
+        payload.push(1);
+        payload.extend_from_slice(&3u32.to_le_bytes());
+        payload.extend_from_slice(&[0xff, 0xff, 0xff]);
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        let segment = dir.path().join(wal::WAL_DIR).join(wal::segment_name(1));
+        std::fs::write(&segment, wal::raw_record(1, 0, &payload)).unwrap();
+        let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("write-ahead log"), "{err}");
+        assert!(err.contains(&LeaseId(7).to_string()), "{err}");
+        assert!(err.contains("never reset"), "{err}");
+        // Nothing was deleted or repaired: the same startup fails the same way.
+        drop(store);
+        assert!(segment.exists());
+        let mut again = Store::open(dir.path(), Durability::Sync).unwrap();
+        assert_eq!(again.load().unwrap_err().to_string(), err);
+    }
+
+    #[test]
     fn garbage_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(DB_FILE_NAME), vec![0x5a; 64 * 1024]).unwrap();

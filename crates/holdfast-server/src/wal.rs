@@ -503,6 +503,11 @@ fn encode_record(
     buf.clear();
     buf.extend_from_slice(&[0; HEADER]);
     encode_payload(changes, counters, buf)?;
+    seal(seq, durable, buf)
+}
+
+/// Fill in the header of `buf` (a header's room followed by the payload) and pad it.
+fn seal(seq: u64, durable: u64, buf: &mut Vec<u8>) -> Result<(), String> {
     let len = buf.len() - HEADER;
     let len32 = u32::try_from(len).map_err(|_| format!("batch of {len} bytes"))?;
     buf[0..4].copy_from_slice(&len32.to_le_bytes());
@@ -514,6 +519,15 @@ fn encode_record(
     buf[24..28].copy_from_slice(&crc.finalize().to_le_bytes());
     buf.resize(HEADER + round_up8(len), 0);
     Ok(())
+}
+
+/// A record around any payload (tests write records the encoder never would).
+#[cfg(test)]
+pub(crate) fn raw_record(seq: u64, durable: u64, payload: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0; HEADER];
+    buf.extend_from_slice(payload);
+    seal(seq, durable, &mut buf).expect("small payload");
+    buf
 }
 
 /// One intact record.
