@@ -32,8 +32,13 @@ const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempote
 const LOCK_DELAYS: TableDefinition<&str, u64> = TableDefinition::new("lock_delays");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Version of the record layout; bumped on any incompatible change.
-pub const FORMAT_VERSION: u64 = 1;
+/// Version of the on-disk format; bumped on any incompatible change. Version 2 added the
+/// write-ahead log: a build that reads only version 1 would ignore `wal/` and miss the batches
+/// not yet checkpointed, so the version stops it.
+pub const FORMAT_VERSION: u64 = 2;
+/// Versions this build opens; older ones are upgraded in place (version 1 had no log, so its
+/// redb holds everything).
+const FORMAT_VERSIONS_READ: [u64; 2] = [1, 2];
 /// File name inside the data directory.
 pub const DB_FILE_NAME: &str = "holdfast.redb";
 /// In `async` mode counters are reserved this far ahead with a durable commit, so a crash that
@@ -95,7 +100,7 @@ pub enum StoreError {
     },
     /// The on-disk format is from another version.
     #[error(
-        "database format version {found} is not supported (this build reads version {FORMAT_VERSION})"
+        "database format version {found} is not supported (this build reads versions 1 to {FORMAT_VERSION})"
     )]
     Version {
         /// Found version.
@@ -758,10 +763,13 @@ impl Store {
                 let mut meta = tx.open_table(META)?;
                 let version = meta.get(META_FORMAT)?.map(|v| v.value());
                 match version {
+                    Some(FORMAT_VERSION) => {}
                     None => {
                         meta.insert(META_FORMAT, FORMAT_VERSION)?;
                     }
-                    Some(FORMAT_VERSION) => {}
+                    Some(found) if FORMAT_VERSIONS_READ.contains(&found) => {
+                        meta.insert(META_FORMAT, FORMAT_VERSION)?;
+                    }
                     Some(found) => return Err(StoreError::Version { found }),
                 }
             }
@@ -1945,6 +1953,49 @@ mod tests {
         assert!(segment.exists());
         let mut again = Store::open(dir.path(), Durability::Sync).unwrap();
         assert_eq!(again.load().unwrap_err().to_string(), err);
+    }
+
+    #[test]
+    fn a_version_1_directory_is_upgraded_and_a_future_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
+            store.load().unwrap();
+            let mut cs = ChangeSet::default();
+            cs.leases.insert(LeaseId(1), Some(lease(1)));
+            store.apply(&cs).unwrap();
+            // Fold the log into redb, then mark the directory as written by version 1.
+            store.load().unwrap();
+            store.apply(&ChangeSet::default()).unwrap();
+            store.poll_checkpoints(true).unwrap();
+        }
+        let set_version = |v: u64| {
+            let store = Store::open(dir.path(), Durability::Sync).unwrap();
+            let tx = store.db.begin_write().unwrap();
+            tx.open_table(META).unwrap().insert(META_FORMAT, v).unwrap();
+            tx.commit().unwrap();
+        };
+        set_version(1);
+        let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
+        assert_eq!(store.load().unwrap().leases, vec![lease(1)]);
+        let tx = store.db.begin_read().unwrap();
+        let stamped = tx
+            .open_table(META)
+            .unwrap()
+            .get(META_FORMAT)
+            .unwrap()
+            .unwrap()
+            .value();
+        assert_eq!(stamped, FORMAT_VERSION);
+        drop(tx);
+        drop(store);
+        set_version(FORMAT_VERSION + 1);
+        let mut store = Store::open(dir.path(), Durability::Sync).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(
+            matches!(err, StoreError::Version { found } if found == FORMAT_VERSION + 1),
+            "{err}"
+        );
     }
 
     #[test]
