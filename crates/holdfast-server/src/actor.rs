@@ -453,6 +453,40 @@ enum Delivery {
     Other(Box<dyn FnOnce() + Send>),
 }
 
+/// An answer nobody took, which must be undone.
+enum Undelivered {
+    Grant(Grant),
+    /// An idempotency execution that was started for a caller who is gone.
+    Started {
+        key: String,
+        lease_id: LeaseId,
+    },
+}
+
+impl Delivery {
+    /// Send the reply; what the receiver no longer took and must be undone, if anything. The
+    /// host undoes it at once (memory mode), the syncer thread through an undo command.
+    fn send(self) -> Option<Undelivered> {
+        match self {
+            Delivery::Grant(reply, value) => match reply.send(value) {
+                Err(Ok(grant)) => Some(Undelivered::Grant(grant)),
+                _ => None,
+            },
+            Delivery::Idem(reply, key, value) => match reply.send(value) {
+                Err(Ok(IdempotencyOutcome::Started(lease))) => Some(Undelivered::Started {
+                    key,
+                    lease_id: lease.lease_id,
+                }),
+                _ => None,
+            },
+            Delivery::Other(f) => {
+                f();
+                None
+            }
+        }
+    }
+}
+
 fn other<T: Send + 'static>(reply: Reply<T>, value: Result<T, ApiError>) -> Delivery {
     Delivery::Other(Box::new(move || {
         let _ = reply.send(value);
@@ -1185,20 +1219,16 @@ impl Host {
             }
             let mut undone = false;
             for d in deliveries.drain(..) {
-                match d {
-                    Delivery::Grant(reply, value) => {
-                        if let Err(Ok(grant)) = reply.send(value) {
-                            self.engine.undo_grant(now, &grant);
-                            undone = true;
-                        }
+                match d.send() {
+                    None => {}
+                    Some(Undelivered::Grant(grant)) => {
+                        self.engine.undo_grant(now, &grant);
+                        undone = true;
                     }
-                    Delivery::Idem(reply, key, value) => {
-                        if let Err(Ok(IdempotencyOutcome::Started(lease))) = reply.send(value) {
-                            let _ = self.engine.idempotency_abort(now, &key, lease.lease_id);
-                            undone = true;
-                        }
+                    Some(Undelivered::Started { key, lease_id }) => {
+                        let _ = self.engine.idempotency_abort(now, &key, lease_id);
+                        undone = true;
                     }
-                    Delivery::Other(f) => f(),
                 }
             }
             if !undone {
@@ -1262,20 +1292,11 @@ impl Host {
 /// a dropped handler ([`CancelOnDrop`]).
 fn deliver_later(deliveries: Vec<Delivery>, undo: &Weak<Sender<Command>>) {
     for d in deliveries {
-        let command = match d {
-            Delivery::Grant(reply, value) => match reply.send(value) {
-                Err(Ok(grant)) => Some(Command::UndoGrant { grant }),
-                _ => None,
-            },
-            Delivery::Idem(reply, _key, value) => match reply.send(value) {
-                Err(Ok(IdempotencyOutcome::Started(lease))) => Some(Command::ReleaseOrphanLease {
-                    lease_id: lease.lease_id,
-                }),
-                _ => None,
-            },
-            Delivery::Other(f) => {
-                f();
-                None
+        let command = match d.send() {
+            None => None,
+            Some(Undelivered::Grant(grant)) => Some(Command::UndoGrant { grant }),
+            Some(Undelivered::Started { lease_id, .. }) => {
+                Some(Command::ReleaseOrphanLease { lease_id })
             }
         };
         if let Some(command) = command

@@ -117,6 +117,9 @@ pub enum StoreError {
     /// The checkpointer thread stopped.
     #[error("the write-ahead log checkpointer stopped: {0}")]
     Checkpointer(String),
+    /// A commit before [`Store::load_with`] recovered the log (a bug of the caller).
+    #[error("the store was not loaded before a commit")]
+    NotLoaded,
     /// The syncer thread failed to sync the log, or stopped.
     #[error("syncing the write-ahead log failed: {0}")]
     Sync(String),
@@ -155,9 +158,7 @@ pub struct Store {
     /// Durable ceilings of the counters (async mode).
     fencing_ceiling: u64,
     event_seq_ceiling: u64,
-    /// True if a non-durable commit happened since the last durable one.
-    unsynced: bool,
-    /// When the first unsynced commit happened.
+    /// When the first commit since the last sync happened (`None`: everything is synced).
     unsynced_since: Option<Instant>,
     fs: Arc<dyn WalFs>,
     segment_bytes: u64,
@@ -199,8 +200,6 @@ enum Checkpointer {
         queued: Option<Job>,
         /// Commits since the job was queued.
         age: u32,
-        /// Run jobs as soon as they are queued (no thread could be started).
-        immediate: bool,
     },
     Thread {
         jobs: Option<mpsc::Sender<Job>>,
@@ -438,13 +437,7 @@ impl Store {
             path: wal_dir,
             source,
         })?;
-        Ok(Self::new(
-            db,
-            Arc::new(fs),
-            durability,
-            wal::SEGMENT_BYTES,
-            true,
-        ))
+        Self::new(db, Arc::new(fs), durability, wal::SEGMENT_BYTES, true)
     }
 
     /// Open (or create) a database on any redb storage backend and log files (crash-image
@@ -465,7 +458,7 @@ impl Store {
                 path: PathBuf::from("(custom backend)"),
                 source: Box::new(e.into()),
             })?;
-        Ok(Self::new(db, fs, durability, segment_bytes, false))
+        Self::new(db, fs, durability, segment_bytes, false)
     }
 
     fn new(
@@ -474,7 +467,7 @@ impl Store {
         durability: Durability,
         segment_bytes: u64,
         background: bool,
-    ) -> Self {
+    ) -> Result<Self, StoreError> {
         let db = Arc::new(db);
         let runner = if background {
             let (jobs, queue) = mpsc::channel::<Job>();
@@ -491,36 +484,26 @@ impl Store {
                         }
                     }
                 });
-            match thread {
-                Ok(thread) => Checkpointer::Thread {
-                    jobs: Some(jobs),
-                    done,
-                    thread: Some(thread),
-                },
-                // No thread to be had: checkpoints run on the host thread instead.
-                Err(e) => {
-                    tracing::warn!(error = %e, "no checkpoint thread; checkpoints run inline");
-                    Checkpointer::Inline {
-                        queued: None,
-                        age: 0,
-                        immediate: true,
-                    }
-                }
+            let thread = thread.map_err(|e| {
+                StoreError::Checkpointer(format!("cannot start the checkpoint thread: {e}"))
+            })?;
+            Checkpointer::Thread {
+                jobs: Some(jobs),
+                done,
+                thread: Some(thread),
             }
         } else {
             Checkpointer::Inline {
                 queued: None,
                 age: 0,
-                immediate: false,
             }
         };
-        Self {
+        Ok(Self {
             syncer: None,
             db,
             durability,
             fencing_ceiling: 0,
             event_seq_ceiling: 0,
-            unsynced: false,
             unsynced_since: None,
             fs,
             segment_bytes,
@@ -532,7 +515,7 @@ impl Store {
                 fold_after: 0,
                 spare: Spare::Missing,
             },
-        }
+        })
     }
 
     /// Hand the closed segments (and a spare request) to the checkpointer if it is idle.
@@ -551,16 +534,9 @@ impl Store {
         }
         cp.busy = true;
         let sent = match &mut cp.runner {
-            Checkpointer::Inline {
-                queued,
-                age,
-                immediate,
-            } => {
+            Checkpointer::Inline { queued, age } => {
                 *queued = Some(job);
                 *age = 0;
-                if *immediate {
-                    return self.poll_checkpoints(true);
-                }
                 true
             }
             Checkpointer::Thread { jobs, .. } => {
@@ -597,7 +573,7 @@ impl Store {
     fn poll_checkpoints(&mut self, wait: bool) -> Result<(), StoreError> {
         while self.checkpoints.busy {
             let report = match &mut self.checkpoints.runner {
-                Checkpointer::Inline { queued, age, .. } => {
+                Checkpointer::Inline { queued, age } => {
                     if !wait && *age < 2 {
                         *age += 1;
                         return Ok(());
@@ -637,7 +613,6 @@ impl Store {
         };
         if wal.full() && self.checkpoints.spare == Spare::Ready {
             let closed = wal.rotate()?;
-            self.unsynced = false;
             self.unsynced_since = None;
             self.checkpoints.spare = Spare::Missing;
             self.checkpoints.closed.push(closed);
@@ -687,6 +662,9 @@ impl Store {
         recovered_last: Option<u64>,
     ) -> Result<(), StoreError> {
         let next = recovered_last.unwrap_or(applied).max(applied) + 1;
+        // The checkpointer reads these segments again rather than keeping their bytes from
+        // recovery: until the first commit they would sit in memory beside the engine state,
+        // and the second read comes from the page cache.
         // A segment is named after its first batch: one named after the recovered end holds
         // only a discarded tail (and its name is the new segment's).
         for name in &names {
@@ -709,7 +687,6 @@ impl Store {
             self.segment_bytes,
         )?);
         self.checkpoints.spare = Spare::Missing;
-        self.unsynced = false;
         self.unsynced_since = None;
         // The first checkpoint (recovered segments, a new spare) waits for the first commit:
         // it would compete with the rest of the startup for the CPU.
@@ -936,7 +913,7 @@ impl Store {
             return Ok(());
         }
         let Some(wal) = &self.wal else {
-            return Err(StoreError::Sync("the store was not loaded".into()));
+            return Err(StoreError::NotLoaded);
         };
         let (items, queue) = mpsc::channel::<SyncItem>();
         let outstanding = Arc::new(AtomicUsize::new(0));
@@ -989,7 +966,7 @@ impl Store {
             return Err(StoreError::Sync(message));
         }
         let Some(wal) = &mut self.wal else {
-            return Err(StoreError::Sync("the store was not loaded".into()));
+            return Err(StoreError::NotLoaded);
         };
         let item = if changes.is_empty() {
             if syncer.outstanding.load(Ordering::Acquire) == 0 {
@@ -1067,16 +1044,12 @@ impl Store {
             }
         }
         let Some(wal) = &mut self.wal else {
-            return Err(StoreError::Checkpointer(
-                "the store was not loaded before a commit".into(),
-            ));
+            return Err(StoreError::NotLoaded);
         };
         wal.append(changes, counters, durable)?;
         if durable {
-            self.unsynced = false;
             self.unsynced_since = None;
         } else {
-            self.unsynced = true;
             self.unsynced_since.get_or_insert_with(Instant::now);
         }
         self.rotate_if_full()?;
@@ -1086,11 +1059,7 @@ impl Store {
     /// When the oldest unsynced commit was made, if any (`async` mode).
     #[must_use]
     pub fn unsynced_since(&self) -> Option<Instant> {
-        if self.unsynced {
-            self.unsynced_since
-        } else {
-            None
-        }
+        self.unsynced_since
     }
 
     /// Make every earlier commit durable (one `fdatasync` of the log). No-op if nothing is
@@ -1099,14 +1068,13 @@ impl Store {
     /// # Errors
     /// Storage failure (fail-stop).
     pub fn flush(&mut self) -> Result<bool, StoreError> {
-        if !self.unsynced {
+        if self.unsynced_since.is_none() {
             return Ok(false);
         }
         let synced = match &mut self.wal {
             Some(wal) => wal.sync()?,
             None => false,
         };
-        self.unsynced = false;
         self.unsynced_since = None;
         Ok(synced)
     }

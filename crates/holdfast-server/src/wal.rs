@@ -366,37 +366,40 @@ fn encode_payload(
     put_u32(buf, changes.leases.len())?;
     for (id, record) in &changes.leases {
         buf.extend_from_slice(&id.0.to_le_bytes());
-        match record {
-            Some(record) => {
-                buf.push(1);
-                put_record(buf, record)?;
-            }
-            None => buf.push(0),
-        }
+        put_optional(buf, record.as_ref(), put_record)?;
     }
     put_u32(buf, changes.idempotency.len())?;
     for (key, record) in &changes.idempotency {
         put_str(buf, key)?;
-        match record {
-            Some(record) => {
-                buf.push(1);
-                put_record(buf, record)?;
-            }
-            None => buf.push(0),
-        }
+        put_optional(buf, record.as_ref(), put_record)?;
     }
     put_u32(buf, changes.lock_delays.len())?;
     for (key, until) in &changes.lock_delays {
         put_str(buf, key)?;
-        match until {
-            Some(until) => {
-                buf.push(1);
-                buf.extend_from_slice(&until.to_le_bytes());
-            }
-            None => buf.push(0),
-        }
+        put_optional(buf, *until, |buf, until| {
+            buf.extend_from_slice(&until.to_le_bytes());
+            Ok(())
+        })?;
     }
     Ok(())
+}
+
+/// A tag (1: present, 0: a delete), then the value if present.
+fn put_optional<T>(
+    buf: &mut Vec<u8>,
+    value: Option<T>,
+    put: impl FnOnce(&mut Vec<u8>, T) -> Result<(), String>,
+) -> Result<(), String> {
+    match value {
+        Some(value) => {
+            buf.push(1);
+            put(buf, value)
+        }
+        None => {
+            buf.push(0);
+            Ok(())
+        }
+    }
 }
 
 /// A cursor over a payload; every read is bounds-checked.
@@ -437,10 +440,14 @@ impl<'a> Reader<'a> {
     fn str(&mut self) -> Result<&'a str, String> {
         std::str::from_utf8(self.bytes()?).map_err(|_| "key is not UTF-8".to_string())
     }
-    fn present(&mut self) -> Result<bool, String> {
+    /// What [`put_optional`] wrote.
+    fn optional<T>(
+        &mut self,
+        read: impl FnOnce(&mut Self) -> Result<T, String>,
+    ) -> Result<Option<T>, String> {
         match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
+            0 => Ok(None),
+            1 => read(self).map(Some),
             t => Err(format!("bad tag {t}")),
         }
     }
@@ -464,17 +471,17 @@ fn fold_payload<'a>(payload: &'a [u8], folded: &mut Folded<'a>) -> Result<(), St
     });
     for _ in 0..r.u32()? {
         let id = r.u128()?;
-        let record = if r.present()? { Some(r.bytes()?) } else { None };
+        let record = r.optional(Reader::bytes)?;
         folded.leases.insert(id, record);
     }
     for _ in 0..r.u32()? {
         let key = r.str()?;
-        let record = if r.present()? { Some(r.bytes()?) } else { None };
+        let record = r.optional(Reader::bytes)?;
         folded.idempotency.insert(key, record);
     }
     for _ in 0..r.u32()? {
         let key = r.str()?;
-        let until = if r.present()? { Some(r.u64()?) } else { None };
+        let until = r.optional(Reader::u64)?;
         folded.lock_delays.insert(key, until);
     }
     if !r.bytes.is_empty() {
@@ -598,46 +605,29 @@ pub fn replay<'a>(
     let mut expected: Option<u64> = None;
     // Where the chain stopped: (segment index, offset).
     let mut stop = None;
-    'segments: for (index, (name, bytes)) in segments.iter().enumerate() {
-        let mut offset = 0;
-        loop {
-            match frame_at(bytes, offset) {
-                Some(frame) if expected.is_none_or(|e| frame.seq == e) => {
-                    if expected.is_none() && frame.seq > applied + 1 {
-                        return Err(corrupt(
-                            name,
-                            format!(
-                                "the log starts at batch {} but the database holds batches only up to {applied}: batches are missing",
-                                frame.seq
-                            ),
-                        ));
-                    }
-                    if frame.seq > applied {
-                        fold_payload(frame.payload, folded).map_err(|reason| {
-                            corrupt(
-                                name,
-                                format!("batch {} at offset {offset}: {reason}", frame.seq),
-                            )
-                        })?;
-                        folded.last_seq = Some(frame.seq);
-                    }
-                    end.batches += 1;
-                    expected = Some(frame.seq + 1);
-                    offset = frame.end;
-                }
-                _ => {
-                    // The end of this segment's records: the chain goes on only if the next
-                    // segment starts with the expected batch.
-                    let next_starts = segments.get(index + 1).is_some_and(|(_, next)| {
-                        frame_at(next, 0).is_some_and(|f| expected.is_none_or(|e| f.seq == e))
-                    });
-                    if !next_starts {
-                        stop = Some((index, offset));
-                        break 'segments;
-                    }
-                    continue 'segments;
-                }
-            }
+    for (index, segment) in segments.iter().enumerate() {
+        let chain_starts_here = expected.is_none();
+        let walked = fold_closed(segment, applied, &mut expected, folded)?;
+        if chain_starts_here
+            && let Some(first) = walked.first
+            && first > applied + 1
+        {
+            return Err(corrupt(
+                &segment.0,
+                format!(
+                    "the log starts at batch {first} but the database holds batches only up to {applied}: batches are missing"
+                ),
+            ));
+        }
+        end.batches += walked.batches;
+        // The end of this segment's records: the chain goes on only if the next segment
+        // starts with the expected batch.
+        let next_starts = segments.get(index + 1).is_some_and(|(_, next)| {
+            frame_at(next, 0).is_some_and(|f| expected.is_none_or(|e| f.seq == e))
+        });
+        if !next_starts {
+            stop = Some((index, walked.end));
+            break;
         }
     }
     let Some((stop_index, stop_offset)) = stop else {
@@ -676,10 +666,22 @@ pub fn replay<'a>(
     Ok(end)
 }
 
-/// Fold the batches after `after` of one closed segment (no longer written to), continuing the
-/// chain of batches at `expected` (updated to the batch after its last). A segment left from
-/// before a restart may end in a discarded half-written batch; the chain continues in the next
-/// segment.
+/// How far [`fold_closed`] got in a segment.
+#[derive(Debug)]
+pub struct Walked {
+    /// The first batch of the run, if there was one.
+    pub first: Option<u64>,
+    /// Batches in the run (folded or skipped).
+    pub batches: u64,
+    /// Offset just after the run's last record.
+    pub end: usize,
+}
+
+/// Fold the run of consecutive batches at the start of `segment` that continues the chain at
+/// `expected` (any batch, if `None`; updated to the batch after the run), folding those after
+/// `after`. Recovery walks every segment with it; the checkpointer the closed ones. A segment
+/// left from before a restart may end in a discarded half-written batch; the chain continues
+/// in the next segment.
 ///
 /// # Errors
 /// `Corrupt` if a record does not decode.
@@ -688,24 +690,30 @@ pub fn fold_closed<'a>(
     after: u64,
     expected: &mut Option<u64>,
     folded: &mut Folded<'a>,
-) -> Result<(), WalError> {
+) -> Result<Walked, WalError> {
     let (name, bytes) = segment;
-    let mut offset = 0;
-    while let Some(frame) = frame_at(bytes, offset) {
+    let mut walked = Walked {
+        first: None,
+        batches: 0,
+        end: 0,
+    };
+    while let Some(frame) = frame_at(bytes, walked.end) {
         if expected.is_some_and(|e| frame.seq != e) {
             break;
         }
         if frame.seq > after {
             fold_payload(frame.payload, folded).map_err(|reason| WalError::Corrupt {
                 segment: name.clone(),
-                reason: format!("batch {} at offset {offset}: {reason}", frame.seq),
+                reason: format!("batch {} at offset {}: {reason}", frame.seq, walked.end),
             })?;
             folded.last_seq = Some(frame.seq);
         }
+        walked.first.get_or_insert(frame.seq);
+        walked.batches += 1;
         *expected = Some(frame.seq + 1);
-        offset = frame.end;
+        walked.end = frame.end;
     }
-    Ok(())
+    Ok(walked)
 }
 
 /// The appending side of the log, owned by the engine host.
