@@ -10,6 +10,9 @@
 //!   printed as bytes per held lock.
 //!
 //! Run: `cargo bench -p holdfast-core --bench engine`
+//!
+//! The allocator is the server's (mimalloc, with transparent huge pages off as `holdfast
+//! serve` has them), so the memory figure is what the engine costs inside the server.
 
 use std::hint::black_box;
 
@@ -17,6 +20,9 @@ use criterion::{BenchmarkId, Criterion};
 use holdfast_core::{
     AcquireOutcome, AcquireRequest, Engine, LeaseId, LeaseTarget, LockKind, LockSpec, NewLease,
 };
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const TTL_MS: u64 = 30 * 24 * 3_600_000;
 
@@ -77,6 +83,13 @@ fn rss_bytes() -> Option<u64> {
 fn measure_memory(leases: usize, per_lease: usize) {
     let before = rss_bytes();
     let e = engine_with(leases, per_lease);
+    // mimalloc returns freed memory (the tables' old blocks after each growth) to the OS after
+    // a delay (10 ms x 10 for arenas), on a later allocation; the server is sampled long
+    // after that, with requests in between.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for n in 0..1000usize {
+        black_box(vec![0u8; 64 + n % 4096]);
+    }
     let after = rss_bytes();
     let locks = leases * per_lease;
     assert_eq!(e.stats().active_locks as usize, locks);
@@ -101,6 +114,7 @@ fn memory_report() {
     for (leases, per_lease) in [(100_000usize, 1usize), (10_000, 10)] {
         let out = std::process::Command::new(&exe)
             .env("HOLDFAST_BENCH_MEMORY", format!("{leases},{per_lease}"))
+            .env("MIMALLOC_ALLOW_THP", "0")
             .output();
         match out {
             Ok(o) => print!("{}", String::from_utf8_lossy(&o.stdout)),

@@ -50,23 +50,6 @@ pub(crate) enum GrantTarget {
     Lease(LeaseId),
 }
 
-/// A lease expiry timer: (time, lease id as its high and low halves). Orders exactly like
-/// `(time, id)`, without `u128`'s 16-byte alignment: 24-byte B-tree entries instead of 32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct LeaseTimer(pub TimeMs, u64, u64);
-
-impl LeaseTimer {
-    pub fn new(at_ms: TimeMs, id: LeaseId) -> Self {
-        // Truncation intended: the two halves of the id.
-        #[allow(clippy::cast_possible_truncation)]
-        LeaseTimer(at_ms, (id.0 >> 64) as u64, id.0 as u64)
-    }
-
-    pub fn id(&self) -> LeaseId {
-        LeaseId((u128::from(self.1) << 64) | u128::from(self.2))
-    }
-}
-
 /// Durable records touched since the last `take_changes`.
 #[derive(Debug, Default)]
 pub(crate) struct Dirty {
@@ -105,9 +88,9 @@ pub struct Engine {
     pub(crate) waiters: IdMap<WaiterId, LockWaiter>,
     pub(crate) idem: HashMap<Box<str>, IdemEntry>,
     pub(crate) idem_waiters: IdMap<WaiterId, IdemWaiter>,
-    /// Timers, one ordered set per kind; ties at one instant fire in the order
-    /// lease expiry, lock-delay end, idempotency record expiry, wait timeout.
-    pub(crate) lease_timers: BTreeSet<LeaseTimer>,
+    /// Timers, one ordered set per kind (lease expiry: the lease table's heap); ties at one
+    /// instant fire in the order lease expiry, lock-delay end, idempotency record expiry,
+    /// wait timeout.
     pub(crate) delay_timers: BTreeSet<(TimeMs, Box<str>)>,
     pub(crate) idem_timers: BTreeSet<(TimeMs, Box<str>)>,
     pub(crate) waiter_timers: BTreeSet<(TimeMs, WaiterId)>,
@@ -143,7 +126,6 @@ impl Engine {
             waiters: IdMap::default(),
             idem: HashMap::new(),
             idem_waiters: IdMap::default(),
-            lease_timers: BTreeSet::new(),
             delay_timers: BTreeSet::new(),
             idem_timers: BTreeSet::new(),
             waiter_timers: BTreeSet::new(),
@@ -271,7 +253,7 @@ impl Engine {
         let Some(lease) = self.leases.get(&lease_id) else {
             return Err(LockError::LeaseNotFound { lease_id });
         };
-        let ttl = ttl_ms.unwrap_or(lease.ttl_ms);
+        let ttl = ttl_ms.unwrap_or(lease.ttl_ms());
         let holder = Arc::clone(&lease.holder);
         self.set_expiry(lease_id, ttl, now);
         self.emit(
@@ -605,7 +587,7 @@ pub(crate) fn holder_summary(lease: &Lease, held: &HeldLock) -> HolderSummary {
         holder: lease.holder.to_string(),
         kind: held.kind,
         since_ms: held.acquired_at_ms,
-        expires_at_ms: lease.expires_at_ms,
+        expires_at_ms: lease.expires_at_ms(),
         reason: lease.reason().map(str::to_owned),
         fencing_token: held.fencing_token,
         count: held.count,
@@ -623,7 +605,7 @@ impl Engine {
     /// 2 idempotency record expiry, 3 wait timeout.
     pub(crate) fn next_due(&self) -> Option<(TimeMs, u8)> {
         let candidates = [
-            self.lease_timers.first().map(|x| (x.0, 0u8)),
+            self.leases.first_expiry().map(|(t, _)| (t, 0u8)),
             self.delay_timers.first().map(|(t, _)| (*t, 1u8)),
             self.idem_timers.first().map(|(t, _)| (*t, 2u8)),
             self.waiter_timers.first().map(|(t, _)| (*t, 3u8)),
@@ -641,13 +623,10 @@ impl Engine {
             }
             match rank {
                 0 => {
-                    if let Some(id) = self.lease_timers.first().map(LeaseTimer::id) {
-                        // remove_lease deletes the timer entry.
-                        if self.remove_lease(id, t, &Removal::Expired).is_some() {
-                            self.counters.expirations += 1;
-                        } else {
-                            self.lease_timers.pop_first();
-                        }
+                    if let Some((_, id)) = self.leases.first_expiry()
+                        && self.remove_lease(id, t, &Removal::Expired).is_some()
+                    {
+                        self.counters.expirations += 1;
                     }
                 }
                 1 => {
@@ -680,13 +659,9 @@ impl Engine {
     }
 
     fn set_expiry(&mut self, id: LeaseId, ttl_ms: u64, now: TimeMs) {
-        if let Some(lease) = self.leases.get_mut(&id) {
-            self.lease_timers
-                .remove(&LeaseTimer::new(lease.expires_at_ms, id));
-            lease.ttl_ms = ttl_ms;
-            lease.expires_at_ms = now.saturating_add(ttl_ms);
-            self.lease_timers
-                .insert(LeaseTimer::new(lease.expires_at_ms, id));
+        if let Some(slot) = self.leases.slot_of(id) {
+            self.leases
+                .set_expiry(slot, ttl_ms, now.saturating_add(ttl_ms));
             self.dirty.leases.insert(id);
         }
     }
@@ -1034,8 +1009,6 @@ impl Engine {
             HeldLocks::None,
             extra,
         ));
-        self.lease_timers
-            .insert(LeaseTimer::new(expires_at_ms, nl.lease_id));
         self.dirty.leases.insert(nl.lease_id);
         Ok(nl.lease_id)
     }
@@ -1461,8 +1434,6 @@ impl Engine {
                 self.holder_names.remove(&lease.holder);
             }
         }
-        self.lease_timers
-            .remove(&LeaseTimer::new(lease.expires_at_ms, id));
         self.dirty.leases.insert(id);
         for held in &lease.locks {
             self.unhold(slot, held);

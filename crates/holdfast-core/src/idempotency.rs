@@ -66,7 +66,7 @@ impl Engine {
             let lease = self.leases.get(&executor);
             return Ok(IdempotencyOutcome::InProgress {
                 holder: lease.map(|l| l.holder.to_string()).unwrap_or_default(),
-                expires_at_ms: lease.map_or(now, |l| l.expires_at_ms),
+                expires_at_ms: lease.map_or(now, crate::leases::Lease::expires_at_ms),
             });
         }
         if entry.waiters.len() >= self.limits.waiters_per_key_max {

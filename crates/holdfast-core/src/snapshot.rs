@@ -5,14 +5,14 @@ use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
-use crate::engine::{Engine, LeaseTimer};
+use crate::engine::Engine;
 use crate::error::RestoreError;
 use crate::idempotency::IdemEntry;
 use crate::keys::{Family, Holders, KeyState};
 use crate::leases::{HeldLock, HeldLocks, Lease, LeaseExtra, Slot};
 use crate::limits::Limits;
 use crate::types::{
-    DurableState, IdempotencyRecord, IdempotencyState, LeaseId, LeaseRecord, LockKind, TimeMs,
+    DurableState, IdempotencyRecord, IdempotencyState, LeaseRecord, LockKind, TimeMs,
 };
 
 pub(crate) fn durable_state(e: &Engine) -> DurableState {
@@ -51,7 +51,6 @@ pub struct Restorer {
     floor: TimeMs,
     now_ms: TimeMs,
     tokens: Vec<u64>,
-    timers: Vec<(TimeMs, LeaseId)>,
     /// Keys with more than one holder: their holders are put in grant order by `finish`.
     shared_keys: Vec<Arc<str>>,
 }
@@ -87,15 +86,12 @@ impl Restorer {
         let _ = e.keys.try_reserve(leases);
         let mut tokens = Vec::new();
         let _ = tokens.try_reserve(leases);
-        let mut timers = Vec::new();
-        let _ = timers.try_reserve(leases);
         Ok(Restorer {
             e,
             fencing_next,
             floor: now_ms.saturating_add(grace_ms),
             now_ms,
             tokens,
-            timers,
             shared_keys: Vec::new(),
         })
     }
@@ -145,7 +141,6 @@ impl Restorer {
         if expires_at_ms != rec.expires_at_ms {
             self.e.dirty.leases.insert(id);
         }
-        self.timers.push((expires_at_ms, id));
         let holder = self.e.intern_holder(rec.holder);
         // The key table refers to the lease by its slot, so the lease goes in first. A
         // restorer that returned an error is not usable any more (`finish` consumes it after
@@ -227,7 +222,6 @@ impl Restorer {
             mut e,
             now_ms,
             mut tokens,
-            mut timers,
             shared_keys,
             ..
         } = self;
@@ -239,12 +233,6 @@ impl Restorer {
             )));
         }
         drop(tokens);
-        // Sorted input: the set is built in one linear pass.
-        timers.sort_unstable();
-        e.lease_timers = timers
-            .into_iter()
-            .map(|(t, id)| LeaseTimer::new(t, id))
-            .collect();
 
         // Holders in grant order (ascending token) where a key has several.
         for key in shared_keys {
