@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::error::{LockError, RestoreError};
 use crate::idempotency::{IdemEntry, IdemWaiter};
 use crate::idhash::{IdMap, IdSet};
-use crate::keys::{Family, KeyState, LockWaiter, Usage, WaitTarget};
+use crate::keys::{Family, KeyState, KeyTable, LockWaiter, Usage, WaitTarget};
 use crate::leases::{HeldLock, HeldLocks, Lease, LeaseExtra, LeaseTable, Slot};
 use crate::limits::Limits;
 use crate::types::{
@@ -81,7 +81,7 @@ pub struct Engine {
     pub(crate) event_seq_next: u64,
     pub(crate) next_waiter_id: u64,
     pub(crate) leases: LeaseTable,
-    pub(crate) keys: HashMap<Arc<str>, KeyState>,
+    pub(crate) keys: KeyTable,
     /// Holder names of live leases, each stored once and shared by its leases (and by
     /// events), with the number of live leases using it.
     pub(crate) holder_names: HashMap<Arc<str>, u32>,
@@ -121,7 +121,7 @@ impl Engine {
             event_seq_next: 1,
             next_waiter_id: 1,
             leases: LeaseTable::default(),
-            keys: HashMap::new(),
+            keys: KeyTable::default(),
             holder_names: HashMap::new(),
             waiters: IdMap::default(),
             idem: HashMap::new(),
@@ -942,10 +942,9 @@ impl Engine {
         self.next_waiter_id += 1;
         for spec in &request.locks {
             let family = Family::of(spec.kind);
-            let ks = self
-                .keys
-                .entry(spec.key.as_str().into())
-                .or_insert_with(|| KeyState::new(family));
+            let (ks, _) = self.keys.get_or_insert_with(&spec.key, || {
+                (spec.key.as_str().into(), KeyState::new(family))
+            });
             if !ks.in_use() {
                 ks.set_family(family);
             }

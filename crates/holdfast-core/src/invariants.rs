@@ -34,6 +34,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
     let mut tokens = HashSet::new();
     let mut held_locks = 0usize;
     e.leases.check()?;
+    e.keys.check()?;
     for (slot, lease) in e.leases.iter() {
         let id = &lease.id();
         // Its expiry timer is its place in the lease table's heap (`leases.check` above).
@@ -115,7 +116,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
     let mut holder_entries = 0usize;
     let mut held_keys = 0u64;
     let mut delays = 0usize;
-    for (key, ks) in &e.keys {
+    for (key, ks) in e.keys.iter() {
         ensure!(!ks.is_empty(), "key {key} is empty but kept");
         if !ks.holders.is_empty() {
             held_keys += 1;

@@ -11,6 +11,8 @@ use std::hash::BuildHasher as _;
 use hashbrown::HashTable;
 
 use crate::idhash::IdBuild;
+use crate::slab::Slab;
+pub(crate) use crate::slab::Slot;
 use crate::types::{HeldLockView, LeaseId, LeaseRecord, LeaseView, LockKind, TimeMs, WaiterId};
 
 /// One lock held by a lease.
@@ -314,29 +316,9 @@ fn id_hash(id: LeaseId) -> u64 {
     IdBuild::default().hash_one(id.0)
 }
 
-/// Leases per slab chunk (128 KiB chunks at 128 bytes per lease).
-const CHUNK_SLOTS: usize = 1024;
-
-/// The chunk and the place in it of a slot.
-fn chunk_of(slot: Slot) -> (usize, usize) {
-    let slot = slot as usize;
-    (slot / CHUNK_SLOTS, slot % CHUNK_SLOTS)
-}
-
-/// Where a live lease sits in the [`LeaseTable`]. Valid while that lease lives; the slot is
-/// reused by a later lease once it is removed, so an index holding a slot (key holders) must
-/// drop it when the lease loses the key.
-pub(crate) type Slot = u32;
-
-/// The live leases: a slab of leases addressed by [`Slot`], an index from lease id to slot,
-/// and the leases in expiry order. Other structures (key holders) refer to a lease by its
-/// 4-byte slot instead of its 16-byte id, and a lease lives in a dense vector instead of a
-/// hash table bucket (a hash table's load factor multiplies the size of every entry).
-///
-/// The slab is a list of fixed-size chunks rather than one vector: a vector doubles by
-/// copying into a new block, and the old blocks stay in the process's heap (each as large as
-/// all leases before it), which showed as ~20 % more resident memory per lease. A chunk is
-/// allocated once at its full capacity and never moves.
+/// The live leases: a [`Slab`] of leases, an index from lease id to slot, and the leases in
+/// expiry order. Other structures (key holders) refer to a lease by its 4-byte slot instead
+/// of its 16-byte id.
 ///
 /// Both the index and the expiry heap hold bare slots and read the id and the expiry time
 /// from the slab: an index entry is 4 bytes instead of 24 (id and slot), and a heap entry 4
@@ -344,9 +326,7 @@ pub(crate) type Slot = u32;
 /// half full (together ≈ 70 bytes less per lease).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct LeaseTable {
-    chunks: Vec<Vec<Option<Lease>>>,
-    /// Empty slots, reused last-freed first.
-    free: Vec<Slot>,
+    slab: Slab<Lease>,
     /// Slots of the live leases, hashed by lease id.
     index: HashTable<Slot>,
     /// Slots of the live leases as a binary min-heap on (expiry time, id); every lease
@@ -354,10 +334,14 @@ pub(crate) struct LeaseTable {
     expiry: Vec<Slot>,
 }
 
-/// The lease in `slot` of a slab, if the slot is in use.
-fn slab_at(chunks: &[Vec<Option<Lease>>], slot: Slot) -> Option<&Lease> {
-    let (c, i) = chunk_of(slot);
-    chunks.get(c)?.get(i)?.as_ref()
+/// The id hash of the lease in `slot` (for the index's rehashing).
+fn hash_at(slab: &Slab<Lease>, slot: Slot) -> u64 {
+    slab.get(slot).map_or(0, |l| id_hash(l.id()))
+}
+
+/// Does the lease in `slot` have this id?
+fn has_id(slab: &Slab<Lease>, slot: Slot, id: LeaseId) -> bool {
+    slab.get(slot).is_some_and(|l| l.id() == id)
 }
 
 impl LeaseTable {
@@ -367,20 +351,15 @@ impl LeaseTable {
 
     /// Reserve room for `additional` more leases (a hint: fails quietly).
     pub fn try_reserve(&mut self, additional: usize) {
-        let chunks = &self.chunks;
-        let _ = self.index.try_reserve(additional, |s| {
-            slab_at(chunks, *s).map_or(0, |l| id_hash(l.id()))
-        });
+        let slab = &self.slab;
+        let _ = self.index.try_reserve(additional, |s| hash_at(slab, *s));
         let _ = self.expiry.try_reserve(additional);
-        let _ = self.chunks.try_reserve(additional / CHUNK_SLOTS + 1);
+        self.slab.try_reserve(additional);
     }
 
     pub fn slot_of(&self, id: LeaseId) -> Option<Slot> {
-        let chunks = &self.chunks;
         self.index
-            .find(id_hash(id), |s| {
-                slab_at(chunks, *s).is_some_and(|l| l.id() == id)
-            })
+            .find(id_hash(id), |s| has_id(&self.slab, *s, id))
             .copied()
     }
 
@@ -399,41 +378,21 @@ impl LeaseTable {
 
     /// The lease in `slot`, if the slot is in use.
     pub fn at(&self, slot: Slot) -> Option<&Lease> {
-        slab_at(&self.chunks, slot)
+        self.slab.get(slot)
     }
 
     pub fn at_mut(&mut self, slot: Slot) -> Option<&mut Lease> {
-        let (c, i) = chunk_of(slot);
-        self.chunks.get_mut(c)?.get_mut(i)?.as_mut()
+        self.slab.get_mut(slot)
     }
 
     /// Add a lease whose id is not in the table (the caller checked); returns its slot.
     pub fn insert(&mut self, lease: Lease) -> Slot {
         let id = lease.id();
         debug_assert!(!self.contains_key(&id), "lease inserted twice");
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                let (c, i) = chunk_of(slot);
-                self.chunks[c][i] = Some(lease);
-                slot
-            }
-            None => {
-                if self.chunks.last().is_none_or(|c| c.len() == CHUNK_SLOTS) {
-                    self.chunks.push(Vec::with_capacity(CHUNK_SLOTS));
-                }
-                let c = self.chunks.len() - 1;
-                let chunk = &mut self.chunks[c];
-                chunk.push(Some(lease));
-                // More than 4 billion live leases cannot fit in memory long before this.
-                #[allow(clippy::cast_possible_truncation)]
-                let slot = (c * CHUNK_SLOTS + chunk.len() - 1) as Slot;
-                slot
-            }
-        };
-        let chunks = &self.chunks;
-        self.index.insert_unique(id_hash(id), slot, |s| {
-            slab_at(chunks, *s).map_or(0, |l| id_hash(l.id()))
-        });
+        let slot = self.slab.insert(lease);
+        let slab = &self.slab;
+        self.index
+            .insert_unique(id_hash(id), slot, |s| hash_at(slab, *s));
         self.expiry.push(slot);
         self.sift_up(self.expiry.len() - 1);
         slot
@@ -441,20 +400,15 @@ impl LeaseTable {
 
     /// Remove a lease; returns the slot it had (now free) and the lease.
     pub fn remove(&mut self, id: &LeaseId) -> Option<(Slot, Lease)> {
-        let chunks = &self.chunks;
+        let slab = &self.slab;
         let entry = self
             .index
-            .find_entry(id_hash(*id), |s| {
-                slab_at(chunks, *s).is_some_and(|l| l.id() == *id)
-            })
+            .find_entry(id_hash(*id), |s| has_id(slab, *s, *id))
             .ok()?;
         let (slot, _) = entry.remove();
         let pos = self.at(slot)?.expiry_pos as usize;
         self.heap_remove(pos);
-        let (c, i) = chunk_of(slot);
-        let lease = self.chunks.get_mut(c)?.get_mut(i)?.take()?;
-        self.free.push(slot);
-        Some((slot, lease))
+        Some((slot, self.slab.remove(slot)?))
     }
 
     /// Set a lease's TTL and expiry time, and move it to its place in the expiry order.
@@ -557,25 +511,15 @@ impl LeaseTable {
 
     /// Live leases with their slots, in slot order (not a meaningful order).
     pub fn iter(&self) -> impl Iterator<Item = (Slot, &Lease)> {
-        self.chunks
-            .iter()
-            .flatten()
-            .enumerate()
-            .filter_map(|(i, l)| {
-                // Slots are numbered by `u32` (see `insert`).
-                #[allow(clippy::cast_possible_truncation)]
-                l.as_ref().map(|l| (i as Slot, l))
-            })
+        self.slab.iter()
     }
 
-    /// The table's own consistency: every used slot is indexed under its lease's id, every
-    /// index entry points to a used slot, the free list holds exactly the empty slots, and
-    /// the expiry heap holds every live lease once, in heap order, at the position the
-    /// lease records.
+    /// The table's own consistency: the slab's, every used slot indexed under its lease's
+    /// id, and the expiry heap holding every live lease once, in heap order, at the position
+    /// the lease records.
     pub fn check(&self) -> Result<(), String> {
-        let mut used = 0usize;
+        self.slab.check()?;
         for (slot, lease) in self.iter() {
-            used += 1;
             let id = lease.id();
             if self.slot_of(id) != Some(slot) {
                 return Err(format!("lease {id} in slot {slot} is not indexed there"));
@@ -587,15 +531,11 @@ impl LeaseTable {
                 ));
             }
         }
-        if used != self.index.len() {
+        let used = self.slab.len();
+        if used != self.index.len() || used != self.expiry.len() {
             return Err(format!(
-                "{used} used slots but {} indexed leases",
-                self.index.len()
-            ));
-        }
-        if used != self.expiry.len() {
-            return Err(format!(
-                "{used} used slots but {} expiry heap entries",
+                "{used} used slots but {} indexed leases and {} expiry heap entries",
+                self.index.len(),
                 self.expiry.len()
             ));
         }
@@ -606,28 +546,6 @@ impl LeaseTable {
                     "expiry heap out of order at position {pos} (slot {slot} under slot {parent})"
                 ));
             }
-        }
-        let mut free = self.free.clone();
-        free.sort_unstable();
-        free.dedup();
-        if free.len() != self.free.len() {
-            return Err("a slot is twice in the free list".to_owned());
-        }
-        let slots: usize = self.chunks.iter().map(Vec::len).sum();
-        if free.len() + used != slots {
-            return Err(format!(
-                "{} free + {used} used slots != {slots} slots",
-                free.len()
-            ));
-        }
-        if let Some((c, _)) = self.chunks.iter().enumerate().find(|(c, chunk)| {
-            chunk.capacity() != CHUNK_SLOTS
-                || (*c + 1 < self.chunks.len() && chunk.len() != CHUNK_SLOTS)
-        }) {
-            return Err(format!("lease chunk {c} is not full-sized or not full"));
-        }
-        if let Some(s) = free.iter().find(|s| self.at(**s).is_some()) {
-            return Err(format!("slot {s} is in the free list but in use"));
         }
         Ok(())
     }
@@ -660,37 +578,6 @@ mod tests {
         assert_eq!(t.slot_of(LeaseId(3)), Some(c));
         assert_eq!(t.len(), 3);
         t.check().unwrap();
-    }
-
-    #[test]
-    fn slots_span_chunks() {
-        let mut t = LeaseTable::default();
-        let n = 2 * CHUNK_SLOTS as u128 + 5;
-        for id in 0..n {
-            assert_eq!(u128::from(t.insert(lease(id))), id);
-        }
-        t.check().unwrap();
-        // Free slots in every chunk; they are reused before the slab grows.
-        for id in (0..n).step_by(7) {
-            t.remove(&LeaseId(id)).unwrap();
-        }
-        t.check().unwrap();
-        let freed = n.div_ceil(7);
-        for id in n..n + freed {
-            assert!(
-                u128::from(t.insert(lease(id))) < n,
-                "a freed slot is reused"
-            );
-        }
-        assert_eq!(
-            u128::from(t.insert(lease(n + freed))),
-            n,
-            "then the slab grows"
-        );
-        t.check().unwrap();
-        for (slot, l) in t.iter() {
-            assert_eq!(t.slot_of(l.id()), Some(slot));
-        }
     }
 
     fn lease_expiring(id: u128, at: TimeMs) -> Lease {

@@ -48,6 +48,7 @@ mod idhash;
 mod invariants;
 mod keys;
 mod leases;
+mod slab;
 mod snapshot;
 mod validate;
 

@@ -2,7 +2,6 @@
 //! back: a corrupted or hand-edited state is refused rather than served.
 
 use std::collections::VecDeque;
-use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use crate::engine::Engine;
@@ -172,25 +171,22 @@ impl Restorer {
         for h in &lease.locks {
             tokens.push(h.fencing_token);
             let family = Family::of(h.kind);
-            let ks = match e.keys.entry(Arc::clone(&h.key)) {
-                Entry::Vacant(v) => {
-                    e.held_keys += 1;
-                    v.insert(KeyState::new(family))
+            let (ks, added) = e
+                .keys
+                .get_or_insert_with(&h.key, || (Arc::clone(&h.key), KeyState::new(family)));
+            if added {
+                e.held_keys += 1;
+            } else {
+                if ks.family() != family {
+                    return Err(err(format!(
+                        "key {} is held with different modes or semaphore limits",
+                        h.key
+                    )));
                 }
-                Entry::Occupied(o) => {
-                    let ks = o.into_mut();
-                    if ks.family() != family {
-                        return Err(err(format!(
-                            "key {} is held with different modes or semaphore limits",
-                            h.key
-                        )));
-                    }
-                    if ks.holders.len() == 1 {
-                        shared_keys.push(Arc::clone(&h.key));
-                    }
-                    ks
+                if ks.holders.len() == 1 {
+                    shared_keys.push(Arc::clone(&h.key));
                 }
-            };
+            }
             ks.holders.push(slot);
             ks.held_add(h.kind);
             // Usage only grows while holders are added, so a conflict now is a conflict in
@@ -257,10 +253,9 @@ impl Restorer {
         }
 
         for (key, until) in lock_delays {
-            let ks = e
-                .keys
-                .entry(key.as_str().into())
-                .or_insert_with(|| KeyState::new(Family::ReadWrite));
+            let (ks, _) = e.keys.get_or_insert_with(&key, || {
+                (key.as_str().into(), KeyState::new(Family::ReadWrite))
+            });
             if ks.delayed_until_ms().is_some() {
                 return Err(err(format!("key {key} has two lock-delays")));
             }

@@ -1,0 +1,170 @@
+//! A slab of values addressed by a `u32` slot, in fixed-size chunks.
+//!
+//! The engine's big tables (leases, keys) keep their values here and index them with a hash
+//! table of bare slots: a hash table's load factor then multiplies 4 bytes per entry instead
+//! of the whole value, and other structures refer to a value by its 4-byte slot.
+//!
+//! The slab is a list of fixed-size chunks rather than one vector: a vector doubles by
+//! copying into a new block, and the old blocks stay in the process's heap (each as large as
+//! all values before it), which showed as ~20 % more resident memory per lease. A chunk is
+//! allocated once at its full capacity and never moves.
+
+/// Where a value sits in a [`Slab`]. Valid while that value lives; the slot is reused by a
+/// later value once it is removed, so an index holding a slot must drop it with the value.
+pub(crate) type Slot = u32;
+
+/// Values per chunk (128 KiB chunks for 128-byte leases).
+const CHUNK_SLOTS: usize = 1024;
+
+/// The chunk and the place in it of a slot.
+fn chunk_of(slot: Slot) -> (usize, usize) {
+    let slot = slot as usize;
+    (slot / CHUNK_SLOTS, slot % CHUNK_SLOTS)
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Slab<T> {
+    chunks: Vec<Vec<Option<T>>>,
+    /// Empty slots, reused last-freed first.
+    free: Vec<Slot>,
+    /// Slots in use.
+    len: usize,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            chunks: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Reserve room in the chunk list for `additional` more values (a hint: fails quietly).
+    pub fn try_reserve(&mut self, additional: usize) {
+        let _ = self.chunks.try_reserve(additional / CHUNK_SLOTS + 1);
+    }
+
+    /// The value in `slot`, if the slot is in use.
+    pub fn get(&self, slot: Slot) -> Option<&T> {
+        let (c, i) = chunk_of(slot);
+        self.chunks.get(c)?.get(i)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut T> {
+        let (c, i) = chunk_of(slot);
+        self.chunks.get_mut(c)?.get_mut(i)?.as_mut()
+    }
+
+    /// Store a value; returns its slot (a freed one if there is one).
+    pub fn insert(&mut self, value: T) -> Slot {
+        self.len += 1;
+        if let Some(slot) = self.free.pop() {
+            let (c, i) = chunk_of(slot);
+            self.chunks[c][i] = Some(value);
+            return slot;
+        }
+        if self.chunks.last().is_none_or(|c| c.len() == CHUNK_SLOTS) {
+            self.chunks.push(Vec::with_capacity(CHUNK_SLOTS));
+        }
+        let c = self.chunks.len() - 1;
+        let chunk = &mut self.chunks[c];
+        chunk.push(Some(value));
+        // More than 4 billion live values cannot fit in memory long before this.
+        #[allow(clippy::cast_possible_truncation)]
+        let slot = (c * CHUNK_SLOTS + chunk.len() - 1) as Slot;
+        slot
+    }
+
+    /// Take the value out of `slot` (which becomes free).
+    pub fn remove(&mut self, slot: Slot) -> Option<T> {
+        let (c, i) = chunk_of(slot);
+        let value = self.chunks.get_mut(c)?.get_mut(i)?.take()?;
+        self.free.push(slot);
+        self.len -= 1;
+        Some(value)
+    }
+
+    /// Values with their slots, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (Slot, &T)> {
+        self.chunks
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                // Slots are numbered by `u32` (see `insert`).
+                #[allow(clippy::cast_possible_truncation)]
+                v.as_ref().map(|v| (i as Slot, v))
+            })
+    }
+
+    /// The slab's own consistency: the free list holds exactly the empty slots, the count
+    /// of used slots is right, and every chunk but the last is full at its fixed capacity.
+    pub fn check(&self) -> Result<(), String> {
+        let used = self.iter().count();
+        if used != self.len {
+            return Err(format!("{used} used slots but a count of {}", self.len));
+        }
+        let mut free = self.free.clone();
+        free.sort_unstable();
+        free.dedup();
+        if free.len() != self.free.len() {
+            return Err("a slot is twice in the free list".to_owned());
+        }
+        let slots: usize = self.chunks.iter().map(Vec::len).sum();
+        if free.len() + used != slots {
+            return Err(format!(
+                "{} free + {used} used slots != {slots} slots",
+                free.len()
+            ));
+        }
+        if let Some((c, _)) = self.chunks.iter().enumerate().find(|(c, chunk)| {
+            chunk.capacity() != CHUNK_SLOTS
+                || (*c + 1 < self.chunks.len() && chunk.len() != CHUNK_SLOTS)
+        }) {
+            return Err(format!("chunk {c} is not full-sized or not full"));
+        }
+        if let Some(s) = free.iter().find(|s| self.get(**s).is_some()) {
+            return Err(format!("slot {s} is in the free list but in use"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freed_slots_are_reused_before_the_slab_grows_across_chunks() {
+        let mut s = Slab::default();
+        let n = 2 * CHUNK_SLOTS + 5;
+        for v in 0..n {
+            assert_eq!(s.insert(v) as usize, v);
+        }
+        s.check().unwrap();
+        for slot in (0..n).step_by(7) {
+            #[allow(clippy::cast_possible_truncation)]
+            let slot = slot as Slot;
+            assert_eq!(s.remove(slot), Some(slot as usize));
+            assert_eq!(s.remove(slot), None, "a slot is freed once");
+        }
+        s.check().unwrap();
+        let freed = n.div_ceil(7);
+        assert_eq!(s.len(), n - freed);
+        for v in 0..freed {
+            assert!((s.insert(n + v) as usize) < n, "a freed slot is reused");
+        }
+        assert_eq!(s.insert(0) as usize, n, "then the slab grows");
+        s.check().unwrap();
+        for (slot, v) in s.iter() {
+            assert_eq!(s.get(slot), Some(v));
+        }
+    }
+}
