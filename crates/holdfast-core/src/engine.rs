@@ -425,7 +425,7 @@ impl Engine {
         cs.lock_delays = keys
             .into_iter()
             .map(|k| {
-                let d = self.keys.get(&*k).and_then(|ks| ks.delayed_until_ms());
+                let d = self.keys.get(&k).and_then(|ks| ks.delayed_until_ms());
                 (k.into_string(), d)
             })
             .collect();
@@ -631,7 +631,7 @@ impl Engine {
                 }
                 1 => {
                     if let Some((_, key)) = self.delay_timers.pop_first()
-                        && let Some(ks) = self.keys.get_mut(&*key)
+                        && let Some(ks) = self.keys.get_mut(&key)
                     {
                         ks.set_delayed_until_ms(None);
                         self.dirty.lock_delays.insert(key.clone());

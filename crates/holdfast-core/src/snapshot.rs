@@ -82,7 +82,7 @@ impl Restorer {
         // Sized up front: a million leases must not rehash their way up. Only a hint: if
         // the memory cannot be had now, the tables grow as records arrive.
         e.leases.try_reserve(leases);
-        let _ = e.keys.try_reserve(leases);
+        e.keys.try_reserve(leases);
         let mut tokens = Vec::new();
         let _ = tokens.try_reserve(leases);
         Ok(Restorer {
