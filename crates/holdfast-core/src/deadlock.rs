@@ -95,15 +95,14 @@ impl Engine {
                 continue;
             };
             let ahead: Vec<(WaiterId, crate::types::LockKind)> = ks
-                .queue
-                .iter()
+                .waiters()
                 .take_while(|w| before.is_none_or(|b| **w < b))
                 .filter_map(|w| {
                     let waiter = self.waiters.get(w)?;
                     self.waiter_demand(waiter, &spec.key).map(|k| (*w, k))
                 })
                 .collect();
-            let others = ks.holders.iter().filter_map(|h| {
+            let others = ks.holders().iter().filter_map(|h| {
                 let lease = self.leases.at(*h)?;
                 let id = lease.id();
                 if Some(id) == own {

@@ -308,7 +308,7 @@ impl Engine {
         let now = self.advance(now_ms);
         validate::admin_reason(reason)?;
         let holders = match self.keys.get(key) {
-            Some(ks) if !ks.holders.is_empty() => ks.holders.as_slice().to_vec(),
+            Some(ks) if !ks.holders().is_empty() => ks.holders().to_vec(),
             _ => {
                 return Err(LockError::LockNotFound {
                     key: key.to_owned(),
@@ -443,7 +443,7 @@ impl Engine {
     pub fn lock_info(&self, key: &str) -> Option<LockInfo> {
         let ks = self.keys.get(key)?;
         let holders = ks
-            .holders
+            .holders()
             .iter()
             .filter_map(|slot| {
                 let lease = self.leases.at(*slot)?;
@@ -451,8 +451,7 @@ impl Engine {
             })
             .collect();
         let waiters = ks
-            .queue
-            .iter()
+            .waiters()
             .filter_map(|w| {
                 let waiter = self.waiters.get(w)?;
                 let spec = waiter.locks.iter().find(|s| s.key == key)?;
@@ -481,7 +480,7 @@ impl Engine {
             .filter(|(k, _)| filter.prefix.as_deref().is_none_or(|p| k.starts_with(p)))
             .filter(|(_, ks)| {
                 filter.holder.as_deref().is_none_or(|h| {
-                    ks.holders
+                    ks.holders()
                         .iter()
                         .any(|s| self.leases.at(*s).is_some_and(|l| &*l.holder == h))
                 })
@@ -499,7 +498,7 @@ impl Engine {
             .keys
             .get(key)
             .map(|ks| {
-                ks.holders
+                ks.holders()
                     .iter()
                     .filter_map(|s| Some(self.leases.at(*s)?.lock(key)?.fencing_token))
                     .collect()
@@ -720,7 +719,7 @@ impl Engine {
     /// What the queued requests ahead of `before` (all of them if `None`) need on a key.
     fn queue_usage(&self, ks: &KeyState, key: &str, before: Option<WaiterId>) -> Usage {
         let mut u = Usage::default();
-        for w in ks.queue.iter() {
+        for w in ks.waiters() {
             if before.is_some_and(|b| *w >= b) {
                 break;
             }
@@ -768,7 +767,7 @@ impl Engine {
         self.keys
             .get(key)
             .map(|ks| {
-                ks.holders
+                ks.holders()
                     .iter()
                     .filter_map(|s| {
                         let lease = self.leases.at(*s)?;
@@ -781,11 +780,11 @@ impl Engine {
 
     /// How a key in use is used now (for `LimitMismatch`): a holder's kind, else a waiter's.
     fn existing_kind(&self, key: &str, ks: &KeyState) -> Option<LockKind> {
-        ks.holders
+        ks.holders()
             .iter()
             .find_map(|s| Some(self.leases.at(*s)?.lock(key)?.kind))
             .or_else(|| {
-                ks.queue.iter().find_map(|w| {
+                ks.waiters().find_map(|w| {
                     let waiter = self.waiters.get(w)?;
                     Some(waiter.locks.iter().find(|s| s.key == key)?.kind)
                 })
@@ -799,7 +798,7 @@ impl Engine {
     fn find_join(&self, nl: &NewLease, locks: &[LockSpec]) -> Option<LeaseId> {
         locks.iter().find_map(|spec| {
             let ks = self.keys.get(spec.key.as_str())?;
-            ks.holders.iter().find_map(|s| {
+            ks.holders().iter().find_map(|s| {
                 self.leases
                     .at(*s)
                     .filter(|l| *l.holder == *nl.holder && l.owner() == nl.owner.as_deref())
@@ -898,7 +897,7 @@ impl Engine {
         }
         for spec in &request.locks {
             if let Some(ks) = self.keys.get(spec.key.as_str())
-                && ks.queue.len() >= self.limits.waiters_per_key_max
+                && ks.waiter_count() >= self.limits.waiters_per_key_max
             {
                 return Err(LockError::Overloaded {
                     what: format!("waiters on key {}", spec.key),
@@ -948,7 +947,7 @@ impl Engine {
             if !ks.in_use() {
                 ks.set_family(family);
             }
-            ks.queue.push_back(id);
+            ks.push_waiter(id);
         }
         let deadline_ms = now.saturating_add(request.wait_ms);
         self.waiter_timers.insert((deadline_ms, id));
@@ -1084,8 +1083,8 @@ impl Engine {
                     if let Some(ks) = self.keys.get_mut(spec.key.as_str()) {
                         ks.held_sub(LockKind::Shared);
                         ks.held_add(LockKind::Exclusive);
-                        ks.holders.remove(slot);
-                        ks.holders.push(slot);
+                        ks.remove_holder(slot);
+                        ks.add_holder(slot);
                     }
                 }
                 h.view()
@@ -1112,15 +1111,15 @@ impl Engine {
                         if !ks.in_use() {
                             ks.set_family(family);
                         }
-                        ks.holders.push(slot);
+                        ks.add_holder(slot);
                         ks.held_add(spec.kind);
-                        if ks.holders.len() == 1 {
+                        if ks.holders().len() == 1 {
                             self.held_keys += 1;
                         }
                     }
                     None => {
                         let mut ks = KeyState::new(family);
-                        ks.holders.push(slot);
+                        ks.add_holder(slot);
                         ks.held_add(spec.kind);
                         self.held_keys += 1;
                         self.keys.insert(h.key.clone(), ks);
@@ -1174,11 +1173,11 @@ impl Engine {
     /// stopping once the requests ahead leave no room for any later one.
     fn scan_key(&self, key: &str, ready: &mut BTreeSet<WaiterId>) {
         let Some(ks) = self.keys.get(key) else { return };
-        if ks.queue.is_empty() || ks.delayed() {
+        if ks.waiter_count() == 0 || ks.delayed() {
             return;
         }
         let mut ahead = Usage::default();
-        for &w in ks.queue.iter() {
+        for &w in ks.waiters() {
             let Some(waiter) = self.waiters.get(&w) else {
                 continue;
             };
@@ -1318,10 +1317,10 @@ impl Engine {
     /// Remove a lease from a key's holders.
     fn unhold(&mut self, slot: Slot, held: &HeldLock) {
         if let Some(ks) = self.keys.get_mut(&held.key)
-            && ks.holders.remove(slot)
+            && ks.remove_holder(slot)
         {
             ks.held_sub(held.kind);
-            if ks.holders.is_empty() {
+            if ks.holders().is_empty() {
                 self.held_keys -= 1;
             }
         }
@@ -1362,7 +1361,7 @@ impl Engine {
             Some(ks) if ks.is_empty() => {
                 self.keys.remove(key);
             }
-            Some(ks) if !ks.queue.is_empty() => self.worklist.push(key.into()),
+            Some(ks) if ks.waiter_count() > 0 => self.worklist.push(key.into()),
             _ => {}
         }
     }

@@ -66,7 +66,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
                 .get(&h.key)
                 .ok_or_else(|| format!("lease {id} holds {} missing from the key table", h.key))?;
             ensure!(
-                ks.holders.iter().filter(|x| **x == slot).count() == 1,
+                ks.holders().iter().filter(|x| **x == slot).count() == 1,
                 "key {} does not list lease {id} exactly once",
                 h.key
             );
@@ -118,12 +118,12 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
     let mut delays = 0usize;
     for (key, ks) in e.keys.iter() {
         ensure!(!ks.is_empty(), "key {key} is empty but kept");
-        if !ks.holders.is_empty() {
+        if !ks.holders().is_empty() {
             held_keys += 1;
         }
         let mut usage = Usage::default();
         let mut last_token = 0u64;
-        for slot in ks.holders.iter() {
+        for slot in ks.holders().iter() {
             let lease = e
                 .leases
                 .at(*slot)
@@ -176,7 +176,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             );
         }
         let mut last = None;
-        for w in ks.queue.iter() {
+        for w in ks.waiters() {
             ensure!(last < Some(*w), "key {key} queue not in arrival order");
             last = Some(*w);
             let waiter = e
@@ -222,7 +222,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
                 .get(spec.key.as_str())
                 .ok_or_else(|| format!("waiter {w:?} key {} missing", spec.key))?;
             ensure!(
-                ks.queue.contains(*w),
+                ks.has_waiter(*w),
                 "waiter {w:?} not in the queue of {}",
                 spec.key
             );
@@ -258,7 +258,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             if let Some(h) = held {
                 u.sub(h.kind);
             }
-            for q in ks.queue.iter().take_while(|q| **q < *w) {
+            for q in ks.waiters().take_while(|q| **q < *w) {
                 if let Some(x) = e.waiters.get(q)
                     && let Some(k) = e.waiter_demand(x, &spec.key)
                 {

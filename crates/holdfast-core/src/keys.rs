@@ -88,145 +88,25 @@ pub(crate) fn conflicts(a: LockKind, b: LockKind) -> bool {
     )
 }
 
-/// The leases holding a key (their lease-table slots), in grant order. Most keys have one
-/// holder: kept inline.
-#[derive(Clone, Debug, Default)]
-pub(crate) enum Holders {
-    #[default]
-    None,
-    One(Slot),
-    /// Boxed: the vector's 24 bytes inline would make every key's state 8 bytes larger, and
-    /// few keys have several holders (a boxed slice would reallocate on every push).
-    #[allow(clippy::box_collection)]
-    Many(Box<Vec<Slot>>),
-}
-
-impl Holders {
-    pub fn as_slice(&self) -> &[Slot] {
-        match self {
-            Holders::None => &[],
-            Holders::One(id) => std::slice::from_ref(id),
-            Holders::Many(v) => v,
-        }
-    }
-
-    pub fn iter(&self) -> std::slice::Iter<'_, Slot> {
-        self.as_slice().iter()
-    }
-
-    pub fn len(&self) -> usize {
-        self.as_slice().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.as_slice().is_empty()
-    }
-
-    pub fn push(&mut self, id: Slot) {
-        *self = match std::mem::take(self) {
-            Holders::None => Holders::One(id),
-            Holders::One(a) => Holders::Many(Box::new(vec![a, id])),
-            Holders::Many(mut v) => {
-                v.push(id);
-                Holders::Many(v)
-            }
-        };
-    }
-
-    /// Remove `id`; false if it was not a holder.
-    pub fn remove(&mut self, id: Slot) -> bool {
-        match self {
-            Holders::None => false,
-            Holders::One(a) => {
-                let found = *a == id;
-                if found {
-                    *self = Holders::None;
-                }
-                found
-            }
-            Holders::Many(v) => {
-                let Some(pos) = v.iter().position(|x| *x == id) else {
-                    return false;
-                };
-                v.remove(pos);
-                if v.len() == 1 {
-                    *self = Holders::One(v[0]);
-                }
-                true
-            }
-        }
-    }
-}
-
 static EMPTY_QUEUE: VecDeque<WaiterId> = VecDeque::new();
 
-/// The rare parts of a key: its wait queue and its lock-delay end.
+/// `KeyState::one` when the key has not exactly one holder.
+const NOT_ONE: Slot = Slot::MAX;
+
+/// The rare parts of a key: several holders, its wait queue, its lock-delay end.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct KeyRare {
+struct KeyRare {
+    /// Every holder when there are two or more (else empty), in grant order.
+    holders: Vec<Slot>,
+    /// Queued lock requests naming this key, in arrival order (ascending id).
     waiters: VecDeque<WaiterId>,
+    /// Lock-delay: no new grants before this time.
     delayed_until_ms: Option<TimeMs>,
 }
 
-/// A key's wait queue in arrival order (ascending id), and its lock-delay end. Boxed together
-/// and absent when both are empty: most keys never queue and are never delayed, and inline
-/// they would cost 40 bytes per key against 8 for the option of a box.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Queue(Option<Box<KeyRare>>);
-
-impl Queue {
-    pub fn iter(&self) -> std::collections::vec_deque::Iter<'_, WaiterId> {
-        self.0
-            .as_deref()
-            .map_or(&EMPTY_QUEUE, |r| &r.waiters)
-            .iter()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |r| r.waiters.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Append (ids are issued in increasing order, so the queue stays sorted).
-    pub fn push_back(&mut self, w: WaiterId) {
-        self.0.get_or_insert_with(Box::default).waiters.push_back(w);
-    }
-
-    pub fn contains(&self, w: WaiterId) -> bool {
-        self.0
-            .as_ref()
-            .is_some_and(|r| r.waiters.binary_search(&w).is_ok())
-    }
-
-    pub fn remove(&mut self, w: WaiterId) {
-        if let Some(r) = &mut self.0 {
-            if let Ok(i) = r.waiters.binary_search(&w) {
-                r.waiters.remove(i);
-            }
-            if r.waiters.is_empty() && r.delayed_until_ms.is_none() {
-                self.0 = None;
-            }
-        }
-    }
-
-    fn delayed_until_ms(&self) -> Option<TimeMs> {
-        self.0.as_ref().and_then(|r| r.delayed_until_ms)
-    }
-
-    fn set_delayed_until_ms(&mut self, until: Option<TimeMs>) {
-        match until {
-            Some(_) => self.0.get_or_insert_with(Box::default).delayed_until_ms = until,
-            None => {
-                if let Some(r) = &mut self.0 {
-                    r.delayed_until_ms = None;
-                    if r.waiters.is_empty() {
-                        self.0 = None;
-                    }
-                }
-            }
-        }
+impl KeyRare {
+    fn is_empty(&self) -> bool {
+        self.holders.is_empty() && self.waiters.is_empty() && self.delayed_until_ms.is_none()
     }
 }
 
@@ -297,24 +177,142 @@ impl KeyUsage {
     }
 }
 
-/// One key in use.
+/// One key in use, in 24 bytes: most keys have one holder, no waiter and no lock-delay, so
+/// that holder's slot is inline and everything else sits in one box that is absent when
+/// empty (an inline holder list and queue took 40 bytes per key).
 #[derive(Clone, Debug)]
 pub(crate) struct KeyState {
     /// The family, and what the holders use together: see the accessors.
     usage: KeyUsage,
-    /// Holding leases in grant order (ascending fencing token).
-    pub holders: Holders,
-    /// Queued lock requests naming this key, in arrival order (ascending id), and the
-    /// lock-delay end (no new grants before it): see the accessors.
-    pub queue: Queue,
+    /// The holder when there is exactly one, else [`NOT_ONE`].
+    one: Slot,
+    /// Several holders, waiters, lock-delay; `None` when the key has none of them.
+    rare: Option<Box<KeyRare>>,
 }
 
 impl KeyState {
     pub fn new(family: Family) -> Self {
         KeyState {
             usage: KeyUsage::new(family),
-            holders: Holders::None,
-            queue: Queue::default(),
+            one: NOT_ONE,
+            rare: None,
+        }
+    }
+
+    /// Holding leases (their lease-table slots) in grant order (ascending fencing token).
+    pub fn holders(&self) -> &[Slot] {
+        if self.one != NOT_ONE {
+            std::slice::from_ref(&self.one)
+        } else {
+            self.rare.as_deref().map_or(&[], |r| &r.holders)
+        }
+    }
+
+    /// Add a holder after the others.
+    pub fn add_holder(&mut self, slot: Slot) {
+        if self.holders().is_empty() {
+            self.one = slot;
+            return;
+        }
+        let rare = self.rare.get_or_insert_with(Box::default);
+        if self.one != NOT_ONE {
+            rare.holders.push(std::mem::replace(&mut self.one, NOT_ONE));
+        }
+        rare.holders.push(slot);
+    }
+
+    /// Remove a holder; false if it was not one.
+    pub fn remove_holder(&mut self, slot: Slot) -> bool {
+        if self.one != NOT_ONE {
+            let found = self.one == slot;
+            if found {
+                self.one = NOT_ONE;
+            }
+            return found;
+        }
+        let Some(rare) = &mut self.rare else {
+            return false;
+        };
+        let Some(pos) = rare.holders.iter().position(|x| *x == slot) else {
+            return false;
+        };
+        rare.holders.remove(pos);
+        if rare.holders.len() == 1 {
+            self.one = rare.holders[0];
+            rare.holders = Vec::new();
+        }
+        self.tidy();
+        true
+    }
+
+    /// Replace the holders (the same set, put in grant order).
+    pub fn set_holders(&mut self, slots: Vec<Slot>) {
+        self.one = NOT_ONE;
+        if let Some(rare) = &mut self.rare {
+            rare.holders = Vec::new();
+        }
+        for slot in slots {
+            self.add_holder(slot);
+        }
+        self.tidy();
+    }
+
+    /// Queued lock requests naming this key, in arrival order.
+    pub fn waiters(&self) -> std::collections::vec_deque::Iter<'_, WaiterId> {
+        self.rare
+            .as_deref()
+            .map_or(&EMPTY_QUEUE, |r| &r.waiters)
+            .iter()
+    }
+
+    pub fn waiter_count(&self) -> usize {
+        self.rare.as_ref().map_or(0, |r| r.waiters.len())
+    }
+
+    /// Append (ids are issued in increasing order, so the queue stays sorted).
+    pub fn push_waiter(&mut self, w: WaiterId) {
+        self.rare
+            .get_or_insert_with(Box::default)
+            .waiters
+            .push_back(w);
+    }
+
+    pub fn has_waiter(&self, w: WaiterId) -> bool {
+        self.rare
+            .as_ref()
+            .is_some_and(|r| r.waiters.binary_search(&w).is_ok())
+    }
+
+    pub fn remove_waiter(&mut self, w: WaiterId) {
+        if let Some(r) = &mut self.rare
+            && let Ok(i) = r.waiters.binary_search(&w)
+        {
+            r.waiters.remove(i);
+        }
+        self.tidy();
+    }
+
+    /// The representation's own rules: one holder is inline, several are all in the box,
+    /// and an empty box is not kept.
+    fn check_layout(&self) -> Result<(), String> {
+        if let Some(r) = &self.rare {
+            if r.is_empty() {
+                return Err("an empty box of rare parts is kept".to_owned());
+            }
+            if r.holders.len() == 1 {
+                return Err("a single holder is in the box".to_owned());
+            }
+            if self.one != NOT_ONE && !r.holders.is_empty() {
+                return Err("holders both inline and in the box".to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop the box of rare parts once it holds nothing.
+    fn tidy(&mut self) {
+        if self.rare.as_ref().is_some_and(|r| r.is_empty()) {
+            self.rare = None;
         }
     }
 
@@ -350,16 +348,24 @@ impl KeyState {
 
     /// Lock-delay: no new grants before this time.
     pub fn delayed_until_ms(&self) -> Option<TimeMs> {
-        self.queue.delayed_until_ms()
+        self.rare.as_ref().and_then(|r| r.delayed_until_ms)
     }
 
     pub fn set_delayed_until_ms(&mut self, until: Option<TimeMs>) {
-        self.queue.set_delayed_until_ms(until);
+        match until {
+            Some(_) => self.rare.get_or_insert_with(Box::default).delayed_until_ms = until,
+            None => {
+                if let Some(r) = &mut self.rare {
+                    r.delayed_until_ms = None;
+                }
+                self.tidy();
+            }
+        }
     }
 
     /// Held or queued: the family is fixed.
     pub fn in_use(&self) -> bool {
-        !self.holders.is_empty() || !self.queue.is_empty()
+        !self.holders().is_empty() || self.waiter_count() > 0
     }
 
     pub fn is_empty(&self) -> bool {
@@ -370,10 +376,6 @@ impl KeyState {
     /// one instant fire one by one, each followed by the grants it enables).
     pub fn delayed(&self) -> bool {
         self.delayed_until_ms().is_some()
-    }
-
-    pub fn remove_waiter(&mut self, w: WaiterId) {
-        self.queue.remove(w);
     }
 }
 
@@ -532,6 +534,9 @@ impl KeyTable {
             if self.slot_of(&e.key) != Some(slot) {
                 return Err(format!("key {} in slot {slot} is not indexed there", e.key));
             }
+            e.state
+                .check_layout()
+                .map_err(|why| format!("key {}: {why}", e.key))?;
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::engine::Engine;
 use crate::error::RestoreError;
 use crate::idempotency::IdemEntry;
-use crate::keys::{Family, Holders, KeyState};
+use crate::keys::{Family, KeyState};
 use crate::leases::{HeldLock, HeldLocks, Lease, LeaseExtra, Slot};
 use crate::limits::Limits;
 use crate::types::{
@@ -183,11 +183,11 @@ impl Restorer {
                         h.key
                     )));
                 }
-                if ks.holders.len() == 1 {
+                if ks.holders().len() == 1 {
                     shared_keys.push(Arc::clone(&h.key));
                 }
             }
-            ks.holders.push(slot);
+            ks.add_holder(slot);
             ks.held_add(h.kind);
             // Usage only grows while holders are added, so a conflict now is a conflict in
             // the whole state.
@@ -235,8 +235,8 @@ impl Restorer {
             let Some(ks) = e.keys.get_mut(&key) else {
                 return Err(err("internal: shared key vanished"));
             };
-            let mut hs: Vec<(u64, Slot)> = Vec::with_capacity(ks.holders.len());
-            for slot in ks.holders.iter() {
+            let mut hs: Vec<(u64, Slot)> = Vec::with_capacity(ks.holders().len());
+            for slot in ks.holders().iter() {
                 let token = e
                     .leases
                     .at(*slot)
@@ -246,10 +246,7 @@ impl Restorer {
                 hs.push((token, *slot));
             }
             hs.sort_unstable();
-            ks.holders = Holders::None;
-            for (_, id) in hs {
-                ks.holders.push(id);
-            }
+            ks.set_holders(hs.into_iter().map(|(_, slot)| slot).collect());
         }
 
         for (key, until) in lock_delays {
