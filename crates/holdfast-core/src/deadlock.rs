@@ -108,7 +108,7 @@ impl Engine {
                 if Some(id) == own {
                     return None;
                 }
-                Some((id, lease.lock(&spec.key)?.kind))
+                Some((id, lease.lock(&spec.key)?.kind()))
             });
             match ks.family() {
                 Family::ReadWrite => {

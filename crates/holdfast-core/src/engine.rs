@@ -27,7 +27,7 @@ use crate::validate;
 /// grant does not count against it).
 pub(crate) fn demand(held: Option<&HeldLock>, want: LockKind) -> Option<LockKind> {
     let Some(h) = held else { return Some(want) };
-    match (h.kind, want) {
+    match (h.kind(), want) {
         (LockKind::Shared, LockKind::Exclusive) => Some(LockKind::Exclusive),
         (LockKind::Exclusive, LockKind::Exclusive | LockKind::Shared)
         | (LockKind::Shared, LockKind::Shared)
@@ -584,7 +584,7 @@ impl Engine {
 pub(crate) fn holder_summary(lease: &Lease, held: &HeldLock) -> HolderSummary {
     HolderSummary {
         holder: lease.holder.to_string(),
-        kind: held.kind,
+        kind: held.kind(),
         since_ms: held.acquired_at_ms,
         expires_at_ms: lease.expires_at_ms(),
         reason: lease.reason().map(str::to_owned),
@@ -745,7 +745,7 @@ impl Engine {
         }
         let mut holders = ks.held();
         if let Some(h) = held {
-            holders.sub(h.kind);
+            holders.sub(h.kind());
         }
         holders
             .with(self.queue_usage(ks, &spec.key, before))
@@ -782,7 +782,7 @@ impl Engine {
     fn existing_kind(&self, key: &str, ks: &KeyState) -> Option<LockKind> {
         ks.holders()
             .iter()
-            .find_map(|s| Some(self.leases.at(*s)?.lock(key)?.kind))
+            .find_map(|s| Some(self.leases.at(*s)?.lock(key)?.kind()))
             .or_else(|| {
                 ks.waiters().find_map(|w| {
                     let waiter = self.waiters.get(w)?;
@@ -850,7 +850,7 @@ impl Engine {
                 && let (
                     LockKind::Semaphore { permits: have, .. },
                     LockKind::Semaphore { permits: want, .. },
-                ) = (h.kind, spec.kind)
+                ) = (h.kind(), spec.kind)
                 && have != want
             {
                 return Err(validate::invalid(
@@ -1004,7 +1004,7 @@ impl Engine {
             nl.ttl_ms,
             expires_at_ms,
             t,
-            HeldLocks::None,
+            HeldLocks::none(),
             extra,
         ));
         self.dirty.leases.insert(nl.lease_id);
@@ -1074,10 +1074,10 @@ impl Engine {
             Ok(i) => {
                 let h = &mut lease.locks[i];
                 h.count += 1;
-                if h.kind == LockKind::Shared && spec.kind == LockKind::Exclusive {
+                if h.kind() == LockKind::Shared && spec.kind == LockKind::Exclusive {
                     // Upgrade: the grant becomes exclusive under a new fencing token and moves
                     // to the end of the key's grant order.
-                    h.kind = LockKind::Exclusive;
+                    h.set_kind(LockKind::Exclusive);
                     h.fencing_token = self.fencing_next;
                     self.fencing_next += 1;
                     if let Some(ks) = self.keys.get_mut(spec.key.as_str()) {
@@ -1095,14 +1095,7 @@ impl Engine {
                     Some((k, _)) => Arc::clone(k),
                     None => spec.key.as_str().into(),
                 };
-                let h = HeldLock {
-                    key,
-                    kind: spec.kind,
-                    fencing_token: self.fencing_next,
-                    count: 1,
-                    acquired_at_ms: t,
-                    lock_delay_ms: spec.lock_delay_ms,
-                };
+                let h = HeldLock::new(key, spec.kind, self.fencing_next, t, spec.lock_delay_ms);
                 self.fencing_next += 1;
                 let view = h.view();
                 let family = Family::of(spec.kind);
@@ -1190,7 +1183,7 @@ impl Engine {
             let here = d.is_none_or(|d| {
                 let mut holders = ks.held();
                 if let Some(h) = held {
-                    holders.sub(h.kind);
+                    holders.sub(h.kind());
                 }
                 holders.with(ahead).admits(d)
             });
@@ -1319,7 +1312,7 @@ impl Engine {
         if let Some(ks) = self.keys.get_mut(&held.key)
             && ks.remove_holder(slot)
         {
-            ks.held_sub(held.kind);
+            ks.held_sub(held.kind());
             if ks.holders().is_empty() {
                 self.held_keys -= 1;
             }
@@ -1343,13 +1336,13 @@ impl Engine {
             kind,
             Some(Arc::clone(&held.key)),
             Arc::clone(holder),
-            Some(held.kind),
+            Some(held.kind()),
             Some(held.fencing_token),
             Some(t.saturating_sub(held.acquired_at_ms)),
             None,
         );
-        if !matches!(how, Removal::Released) && held.lock_delay_ms > 0 {
-            self.set_delay(&held.key, t.saturating_add(held.lock_delay_ms));
+        if !matches!(how, Removal::Released) && held.lock_delay_ms() > 0 {
+            self.set_delay(&held.key, t.saturating_add(held.lock_delay_ms()));
         }
         self.settle_key(&held.key);
     }

@@ -138,12 +138,12 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             );
             last_token = h.fencing_token;
             ensure!(
-                Family::of(h.kind) == ks.family(),
+                Family::of(h.kind()) == ks.family(),
                 "key {key} holder kind {:?} does not match family {:?}",
-                h.kind,
+                h.kind(),
                 ks.family()
             );
-            usage.add(h.kind);
+            usage.add(h.kind());
             holder_entries += 1;
         }
         ensure!(
@@ -256,7 +256,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             }
             let mut u = ks.held();
             if let Some(h) = held {
-                u.sub(h.kind);
+                u.sub(h.kind());
             }
             for q in ks.waiters().take_while(|q| **q < *w) {
                 if let Some(x) = e.waiters.get(q)

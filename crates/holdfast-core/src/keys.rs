@@ -409,6 +409,9 @@ impl LockWaiter {
     }
 }
 
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<KeyState>() == 24);
+
 /// A key in use with its text (shared with the leases holding it and with events).
 #[derive(Clone, Debug)]
 struct KeyEntry {

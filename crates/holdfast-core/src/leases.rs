@@ -4,9 +4,9 @@
 //! table only lists which leases hold a key. Strings are boxed (`Box<str>`, 16 bytes) to keep a
 //! held lock small.
 
-use std::sync::Arc;
-
 use std::hash::BuildHasher as _;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use hashbrown::HashTable;
 
@@ -15,91 +15,187 @@ use crate::slab::Slab;
 pub(crate) use crate::slab::Slot;
 use crate::types::{HeldLockView, LeaseId, LeaseRecord, LeaseView, LockKind, TimeMs, WaiterId};
 
-/// One lock held by a lease.
+/// A [`LockKind`] in 8 bytes instead of 12: the variant and a semaphore's limit share one
+/// word (limits are at most [`crate::limits::SEMAPHORE_LIMIT_MAX`], below 2^30), never zero,
+/// so an enum around a held lock needs no tag of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PackedKind {
+    /// 1 exclusive, 2 shared, `limit << 2 | 3` semaphore.
+    variant_limit: NonZeroU32,
+    /// A semaphore grant's permits (0 otherwise).
+    permits: u32,
+}
+
+impl PackedKind {
+    const EXCLUSIVE: NonZeroU32 = NonZeroU32::MIN;
+    const SHARED: NonZeroU32 = NonZeroU32::MIN.saturating_add(1);
+
+    fn new(kind: LockKind) -> Self {
+        const _: () = assert!(crate::limits::SEMAPHORE_LIMIT_MAX < 1 << 30);
+        match kind {
+            LockKind::Exclusive => PackedKind {
+                variant_limit: Self::EXCLUSIVE,
+                permits: 0,
+            },
+            LockKind::Shared => PackedKind {
+                variant_limit: Self::SHARED,
+                permits: 0,
+            },
+            LockKind::Semaphore { limit, permits } => {
+                // Every path that makes a kind checked the limit (requests and restored
+                // records alike); a larger one is clamped rather than wrapped.
+                let limit = limit.min(crate::limits::SEMAPHORE_LIMIT_MAX);
+                PackedKind {
+                    variant_limit: NonZeroU32::MIN.saturating_add((limit << 2 | 3) - 1),
+                    permits,
+                }
+            }
+        }
+    }
+
+    fn get(self) -> LockKind {
+        match self.variant_limit.get() {
+            1 => LockKind::Exclusive,
+            2 => LockKind::Shared,
+            v => LockKind::Semaphore {
+                limit: v >> 2,
+                permits: self.permits,
+            },
+        }
+    }
+}
+
+/// One lock held by a lease (48 bytes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct HeldLock {
     pub key: Arc<str>,
-    pub kind: LockKind,
+    kind: PackedKind,
     pub fencing_token: u64,
     pub count: u32,
+    /// At most [`crate::limits::LOCK_DELAY_MS_MAX`] (60 s).
+    lock_delay_ms: u32,
     pub acquired_at_ms: TimeMs,
-    pub lock_delay_ms: u64,
 }
 
 impl HeldLock {
+    pub fn new(
+        key: Arc<str>,
+        kind: LockKind,
+        fencing_token: u64,
+        acquired_at_ms: TimeMs,
+        lock_delay_ms: u64,
+    ) -> Self {
+        const _: () = assert!(crate::limits::LOCK_DELAY_MS_MAX <= u32::MAX as u64);
+        HeldLock {
+            key,
+            kind: PackedKind::new(kind),
+            fencing_token,
+            count: 1,
+            // Checked against LOCK_DELAY_MS_MAX by every path that makes a lock.
+            lock_delay_ms: u32::try_from(lock_delay_ms).unwrap_or(u32::MAX),
+            acquired_at_ms,
+        }
+    }
+
+    pub fn kind(&self) -> LockKind {
+        self.kind.get()
+    }
+
+    pub fn set_kind(&mut self, kind: LockKind) {
+        self.kind = PackedKind::new(kind);
+    }
+
+    pub fn lock_delay_ms(&self) -> u64 {
+        u64::from(self.lock_delay_ms)
+    }
+
     pub fn view(&self) -> HeldLockView {
         HeldLockView {
             key: self.key.to_string(),
-            kind: self.kind,
+            kind: self.kind(),
             fencing_token: self.fencing_token,
             count: self.count,
             acquired_at_ms: self.acquired_at_ms,
-            lock_delay_ms: self.lock_delay_ms,
+            lock_delay_ms: self.lock_delay_ms(),
         }
     }
 
     pub fn from_record(v: HeldLockView) -> Self {
-        HeldLock {
-            key: v.key.into(),
-            kind: v.kind,
-            fencing_token: v.fencing_token,
-            count: v.count,
-            acquired_at_ms: v.acquired_at_ms,
-            lock_delay_ms: v.lock_delay_ms,
-        }
+        let mut h = HeldLock::new(
+            v.key.into(),
+            v.kind,
+            v.fencing_token,
+            v.acquired_at_ms,
+            v.lock_delay_ms,
+        );
+        h.count = v.count;
+        h
     }
 }
 
 /// A lease's held locks, sorted by key. Most leases hold one lock: it is kept inline, where a
-/// vector would add a heap block (a 64-byte allocation per lease) beside its 24 bytes.
-#[derive(Clone, Debug, Default)]
+/// vector would add a heap block (a 64-byte allocation per lease) beside its 24 bytes. None or
+/// several are a boxed slice (an empty one allocates nothing). Two variants, so the held
+/// lock's one spare value (the key pointer's null) tells them apart and the enum is as large
+/// as one held lock; a lease's set of locks changes rarely, so reallocating it is cheap.
+#[derive(Clone, Debug)]
 pub(crate) enum HeldLocks {
-    #[default]
-    None,
     One(HeldLock),
-    /// Two or more.
-    Many(Vec<HeldLock>),
+    /// None, or two or more.
+    Many(Box<[HeldLock]>),
+}
+
+impl Default for HeldLocks {
+    fn default() -> Self {
+        HeldLocks::Many(Box::default())
+    }
 }
 
 impl HeldLocks {
+    pub fn none() -> Self {
+        HeldLocks::default()
+    }
+
     pub fn from_vec(mut v: Vec<HeldLock>) -> Self {
-        match v.len() {
-            0 => HeldLocks::None,
-            1 => v.pop().map_or(HeldLocks::None, HeldLocks::One),
-            _ => HeldLocks::Many(v),
+        match v.pop() {
+            Some(h) if v.is_empty() => HeldLocks::One(h),
+            Some(h) => {
+                v.push(h);
+                HeldLocks::Many(v.into_boxed_slice())
+            }
+            None => HeldLocks::none(),
         }
     }
 
     /// Insert at `i` (as `Vec::insert`).
     pub fn insert(&mut self, i: usize, h: HeldLock) {
-        *self = match std::mem::take(self) {
-            HeldLocks::None => HeldLocks::One(h),
-            HeldLocks::One(a) => {
-                let mut v = Vec::with_capacity(2);
-                v.push(a);
-                v.insert(i, h);
-                HeldLocks::Many(v)
-            }
-            HeldLocks::Many(mut v) => {
-                v.insert(i, h);
-                HeldLocks::Many(v)
-            }
-        };
+        if self.is_empty() {
+            *self = HeldLocks::One(h);
+            return;
+        }
+        let old = std::mem::take(self).into_vec();
+        // Sized exactly: `Vec::insert` would double the block, then shrinking it to a boxed
+        // slice would copy it again.
+        let mut v = Vec::with_capacity(old.len() + 1);
+        let mut old = old.into_iter();
+        v.extend(old.by_ref().take(i));
+        v.push(h);
+        v.extend(old);
+        *self = HeldLocks::from_vec(v);
     }
 
     /// Remove the lock at `i` (as `Vec::remove`: `i` must be in range).
     pub fn remove(&mut self, i: usize) -> HeldLock {
-        match std::mem::take(self) {
-            HeldLocks::None => panic!("HeldLocks::remove({i}) on no locks"),
-            HeldLocks::One(a) => {
-                assert!(i == 0, "HeldLocks::remove({i}) on one lock");
-                a
-            }
-            HeldLocks::Many(mut v) => {
-                let h = v.remove(i);
-                *self = HeldLocks::from_vec(v);
-                h
-            }
+        let mut v = std::mem::take(self).into_vec();
+        let h = v.remove(i);
+        *self = HeldLocks::from_vec(v);
+        h
+    }
+
+    fn into_vec(self) -> Vec<HeldLock> {
+        match self {
+            HeldLocks::One(h) => vec![h],
+            HeldLocks::Many(v) => v.into_vec(),
         }
     }
 }
@@ -108,7 +204,6 @@ impl std::ops::Deref for HeldLocks {
     type Target = [HeldLock];
     fn deref(&self) -> &[HeldLock] {
         match self {
-            HeldLocks::None => &[],
             HeldLocks::One(h) => std::slice::from_ref(h),
             HeldLocks::Many(v) => v,
         }
@@ -118,7 +213,6 @@ impl std::ops::Deref for HeldLocks {
 impl std::ops::DerefMut for HeldLocks {
     fn deref_mut(&mut self) -> &mut [HeldLock] {
         match self {
-            HeldLocks::None => &mut [],
             HeldLocks::One(h) => std::slice::from_mut(h),
             HeldLocks::Many(v) => v,
         }
@@ -296,6 +390,15 @@ impl Lease {
         }
     }
 }
+
+// The sizes the memory figures rest on (W3, `benches/engine.rs`): a change that grows them
+// should be a decision, not an accident.
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(std::mem::size_of::<HeldLock>() == 48);
+    assert!(std::mem::size_of::<HeldLocks>() == 48);
+    assert!(std::mem::size_of::<Option<Lease>>() == 120);
+};
 
 /// A TTL in the lease's 32-bit field. Every path that sets a TTL validated it against
 /// [`crate::limits::LEASE_TTL_MS_MAX`] first; saturating keeps a bad value finite anyway.
@@ -558,7 +661,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn lease(id: u128) -> Lease {
-        Lease::new(LeaseId(id), "h".into(), 1, 2, 0, HeldLocks::None, None)
+        Lease::new(LeaseId(id), "h".into(), 1, 2, 0, HeldLocks::none(), None)
     }
 
     #[test]
@@ -581,7 +684,7 @@ mod tests {
     }
 
     fn lease_expiring(id: u128, at: TimeMs) -> Lease {
-        Lease::new(LeaseId(id), "h".into(), 1, at, 0, HeldLocks::None, None)
+        Lease::new(LeaseId(id), "h".into(), 1, at, 0, HeldLocks::none(), None)
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::error::RestoreError;
 use crate::idempotency::IdemEntry;
 use crate::keys::{Family, KeyState};
 use crate::leases::{HeldLock, HeldLocks, Lease, LeaseExtra, Slot};
-use crate::limits::Limits;
+use crate::limits::{LEASE_TTL_MS_MAX, LOCK_DELAY_MS_MAX, Limits, SEMAPHORE_LIMIT_MAX};
 use crate::types::{
     DurableState, IdempotencyRecord, IdempotencyState, LeaseRecord, LockKind, TimeMs,
 };
@@ -104,6 +104,30 @@ impl Restorer {
         if rec.holder.is_empty() {
             return Err(err(format!("lease {id} has an empty holder")));
         }
+        // Bounds that every request is held to, and that the compact in-memory form relies
+        // on (a TTL and a lock-delay in 32 bits, a semaphore limit in 30).
+        if rec.ttl_ms > LEASE_TTL_MS_MAX {
+            return Err(err(format!(
+                "lease {id} has ttl_ms {} above {LEASE_TTL_MS_MAX}",
+                rec.ttl_ms
+            )));
+        }
+        for h in &rec.locks {
+            if h.lock_delay_ms > LOCK_DELAY_MS_MAX {
+                return Err(err(format!(
+                    "lease {id} holds {} with lock_delay_ms {} above {LOCK_DELAY_MS_MAX}",
+                    h.key, h.lock_delay_ms
+                )));
+            }
+            if let LockKind::Semaphore { limit, .. } = h.kind
+                && limit > SEMAPHORE_LIMIT_MAX
+            {
+                return Err(err(format!(
+                    "lease {id} holds semaphore {} with limit {limit} above {SEMAPHORE_LIMIT_MAX}",
+                    h.key
+                )));
+            }
+        }
         let mut locks: Vec<HeldLock> = rec.locks.into_iter().map(HeldLock::from_record).collect();
         // Records are written in key order; sorting is only needed for a hand-made state.
         if !locks.is_sorted_by(|a, b| a.key <= b.key) {
@@ -127,7 +151,7 @@ impl Restorer {
                     h.key, h.fencing_token, self.fencing_next
                 )));
             }
-            if let LockKind::Semaphore { limit, permits } = h.kind
+            if let LockKind::Semaphore { limit, permits } = h.kind()
                 && (limit == 0 || permits == 0 || permits > limit)
             {
                 return Err(err(format!(
@@ -170,7 +194,7 @@ impl Restorer {
         };
         for h in &lease.locks {
             tokens.push(h.fencing_token);
-            let family = Family::of(h.kind);
+            let family = Family::of(h.kind());
             let (ks, added) = e
                 .keys
                 .get_or_insert_with(&h.key, || (Arc::clone(&h.key), KeyState::new(family)));
@@ -188,7 +212,7 @@ impl Restorer {
                 }
             }
             ks.add_holder(slot);
-            ks.held_add(h.kind);
+            ks.held_add(h.kind());
             // Usage only grows while holders are added, so a conflict now is a conflict in
             // the whole state.
             let ok = match ks.family() {
