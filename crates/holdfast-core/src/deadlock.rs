@@ -184,7 +184,7 @@ impl Engine {
         let name_of_lease = |id: LeaseId| {
             self.leases
                 .get(&id)
-                .map_or_else(|| id.to_string(), |l| l.holder.to_string())
+                .map_or_else(|| id.to_string(), |l| self.holder_of(l).to_string())
         };
         let mut cycle = vec![name_of_lease(requester)];
         let mut prev: Option<Node> = None;

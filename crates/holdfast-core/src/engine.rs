@@ -4,14 +4,15 @@
 //! the invariant checker in `invariants.rs`, deadlock detection in `deadlock.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use crate::error::{LockError, RestoreError};
 use crate::idempotency::{IdemEntry, IdemWaiter};
 use crate::idhash::{IdMap, IdSet};
 use crate::keys::{Family, KeyState, KeyTable, LockWaiter, Usage, WaitTarget};
-use crate::leases::{HeldLock, HeldLocks, Lease, LeaseExtra, LeaseTable, Slot};
+use crate::leases::{HeldLock, HeldLocks, HolderSlot, Lease, LeaseExtra, LeaseTable, Slot};
 use crate::limits::Limits;
+use crate::textmap::TextMap;
 use crate::types::{
     AcquireOutcome, AcquireRequest, ChangeSet, DurableState, Event, EventKind, FencingCheck, Grant,
     HeldLockView, HolderSummary, IdempotencyBegin, IdempotencyOutcome, IdempotencyRecord,
@@ -84,7 +85,7 @@ pub struct Engine {
     pub(crate) keys: KeyTable,
     /// Holder names of live leases, each stored once and shared by its leases (and by
     /// events), with the number of live leases using it.
-    pub(crate) holder_names: HashMap<Arc<str>, u32>,
+    pub(crate) holder_names: TextMap<u32>,
     pub(crate) waiters: IdMap<WaiterId, LockWaiter>,
     pub(crate) idem: HashMap<Box<str>, IdemEntry>,
     pub(crate) idem_waiters: IdMap<WaiterId, IdemWaiter>,
@@ -122,7 +123,7 @@ impl Engine {
             next_waiter_id: 1,
             leases: LeaseTable::default(),
             keys: KeyTable::default(),
-            holder_names: HashMap::new(),
+            holder_names: TextMap::default(),
             waiters: IdMap::default(),
             idem: HashMap::new(),
             idem_waiters: IdMap::default(),
@@ -254,7 +255,7 @@ impl Engine {
             return Err(LockError::LeaseNotFound { lease_id });
         };
         let ttl = ttl_ms.unwrap_or(lease.ttl_ms());
-        let holder = Arc::clone(&lease.holder);
+        let holder = Arc::clone(self.holder_of(lease));
         self.set_expiry(lease_id, ttl, now);
         self.emit(
             now,
@@ -280,7 +281,7 @@ impl Engine {
             .remove_lease(lease_id, now, &Removal::Released)
             .ok_or(LockError::LeaseNotFound { lease_id })?;
         self.run_grants(now);
-        Ok(lease.view())
+        Ok(lease.0.view(&lease.1))
     }
 
     /// Release one lock of a lease: decrements its reentrant count, frees it at zero. Returns
@@ -325,7 +326,7 @@ impl Engine {
                 let holder = self
                     .leases
                     .get(&id)
-                    .map_or_else(|| Arc::from(""), |l| Arc::clone(&l.holder));
+                    .map_or_else(|| Arc::from(""), |l| Arc::clone(self.holder_of(l)));
                 self.dirty.leases.insert(id);
                 self.after_unhold(now, &holder, &held, &Removal::Forced(reason.to_owned()));
                 self.recheck_pending(id, key, now);
@@ -353,7 +354,7 @@ impl Engine {
             .remove_lease(lease_id, now, &Removal::Forced(reason.to_owned()))
             .ok_or(LockError::LeaseNotFound { lease_id })?;
         self.run_grants(now);
-        Ok(lease.view())
+        Ok(lease.0.view(&lease.1))
     }
 
     /// Apply everything due by `now_ms`: lease expiries, wait timeouts, lock-delay ends,
@@ -409,7 +410,10 @@ impl Engine {
         ids.sort_unstable();
         cs.leases = ids
             .into_iter()
-            .map(|id| (id, self.leases.get(&id).map(Lease::record)))
+            .map(|id| {
+                let record = self.leases.get(&id).map(|l| l.record(self.holder_of(l)));
+                (id, record)
+            })
             .collect::<BTreeMap<_, _>>();
         let mut keys: Vec<Box<str>> = dirty.idempotency.into_iter().collect();
         keys.sort_unstable();
@@ -435,7 +439,9 @@ impl Engine {
     /// A lease, if live at `now_ms` (does not apply expiries).
     #[must_use]
     pub fn lease(&self, lease_id: LeaseId) -> Option<LeaseView> {
-        self.leases.get(&lease_id).map(Lease::view)
+        self.leases
+            .get(&lease_id)
+            .map(|l| l.view(self.holder_of(l)))
     }
 
     /// One key's holders, waiters and lock-delay; `None` if the key is entirely free.
@@ -447,7 +453,10 @@ impl Engine {
             .iter()
             .filter_map(|slot| {
                 let lease = self.leases.at(*slot)?;
-                Some((lease.id(), holder_summary(lease, lease.lock(key)?)))
+                Some((
+                    lease.id(),
+                    holder_summary(lease, self.holder_of(lease), lease.lock(key)?),
+                ))
             })
             .collect();
         let waiters = ks
@@ -480,9 +489,11 @@ impl Engine {
             .filter(|(k, _)| filter.prefix.as_deref().is_none_or(|p| k.starts_with(p)))
             .filter(|(_, ks)| {
                 filter.holder.as_deref().is_none_or(|h| {
-                    ks.holders()
-                        .iter()
-                        .any(|s| self.leases.at(*s).is_some_and(|l| &*l.holder == h))
+                    ks.holders().iter().any(|s| {
+                        self.leases
+                            .at(*s)
+                            .is_some_and(|l| &**self.holder_of(l) == h)
+                    })
                 })
             })
             .map(|(k, _)| &**k)
@@ -581,9 +592,9 @@ impl Engine {
 }
 
 /// How a holder looks in refusals and listings.
-pub(crate) fn holder_summary(lease: &Lease, held: &HeldLock) -> HolderSummary {
+pub(crate) fn holder_summary(lease: &Lease, holder: &str, held: &HeldLock) -> HolderSummary {
     HolderSummary {
-        holder: lease.holder.to_string(),
+        holder: holder.to_owned(),
         kind: held.kind(),
         since_ms: held.acquired_at_ms,
         expires_at_ms: lease.expires_at_ms(),
@@ -701,7 +712,7 @@ impl Engine {
     pub(crate) fn lease_view_of(&self, id: LeaseId) -> LeaseView {
         self.leases
             .get(&id)
-            .map_or_else(|| empty_view(id), Lease::view)
+            .map_or_else(|| empty_view(id), |l| l.view(self.holder_of(l)))
     }
 
     // ----- demand and grantability -----
@@ -771,7 +782,11 @@ impl Engine {
                     .iter()
                     .filter_map(|s| {
                         let lease = self.leases.at(*s)?;
-                        Some(holder_summary(lease, lease.lock(key)?))
+                        Some(holder_summary(
+                            lease,
+                            self.holder_of(lease),
+                            lease.lock(key)?,
+                        ))
                     })
                     .collect()
             })
@@ -796,12 +811,14 @@ impl Engine {
     /// The holder's lease a reentrant request joins: one of the holder's leases (same owner
     /// credential) that holds one of the requested keys, first in request order.
     fn find_join(&self, nl: &NewLease, locks: &[LockSpec]) -> Option<LeaseId> {
+        // A holder with no live lease has no slot, and nothing to join.
+        let holder = HolderSlot(self.holder_names.slot_of(&nl.holder)?);
         locks.iter().find_map(|spec| {
             let ks = self.keys.get(spec.key.as_str())?;
             ks.holders().iter().find_map(|s| {
                 self.leases
                     .at(*s)
-                    .filter(|l| *l.holder == *nl.holder && l.owner() == nl.owner.as_deref())
+                    .filter(|l| l.holder == holder && l.owner() == nl.owner.as_deref())
                     .map(Lease::id)
             })
         })
@@ -910,7 +927,7 @@ impl Engine {
             (LeaseTarget::Existing(_), Some(id)) => self
                 .leases
                 .get(&id)
-                .map(|l| l.holder.to_string())
+                .map(|l| self.holder_of(l).to_string())
                 .unwrap_or_default(),
             (LeaseTarget::Existing(id), None) => {
                 return Err(LockError::LeaseNotFound { lease_id: *id });
@@ -1122,7 +1139,7 @@ impl Engine {
                 view
             }
         };
-        let holder = Arc::clone(&lease.holder);
+        let holder = Arc::clone(holder_name(&self.holder_names, lease.holder));
         let key = lease.lock(&spec.key).map(|h| Arc::clone(&h.key));
         self.counters.grants += 1;
         self.emit(
@@ -1393,42 +1410,51 @@ impl Engine {
             return Ok(());
         }
         let held = lease.locks.remove(i);
-        let holder = Arc::clone(&lease.holder);
+        let holder = Arc::clone(holder_name(&self.holder_names, lease.holder));
         self.unhold(slot, &held);
         self.after_unhold(t, &holder, &held, &Removal::Released);
         self.recheck_pending(id, key, t);
         Ok(())
     }
 
-    /// The shared copy of a holder name (stored once however many leases it has), for a new
-    /// lease: counts one more lease using it.
-    pub(crate) fn intern_holder(&mut self, name: String) -> Arc<str> {
-        if let Some(leases) = self.holder_names.get_mut(name.as_str()) {
+    /// The slot of a holder name (stored once however many leases it has), for a new lease:
+    /// counts one more lease using it.
+    pub(crate) fn intern_holder(&mut self, name: String) -> HolderSlot {
+        let (slot, _) = self
+            .holder_names
+            .slot_or_insert_with(&name, || (Arc::from(name.as_str()), 0));
+        if let Some(leases) = self.holder_names.at_mut(slot) {
             *leases += 1;
-            if let Some((shared, _)) = self.holder_names.get_key_value(name.as_str()) {
-                return Arc::clone(shared);
-            }
         }
-        let shared: Arc<str> = name.into();
-        self.holder_names.insert(Arc::clone(&shared), 1);
-        shared
+        HolderSlot(slot)
+    }
+
+    /// A lease's holder name.
+    pub(crate) fn holder_of(&self, lease: &Lease) -> &Arc<str> {
+        holder_name(&self.holder_names, lease.holder)
     }
 
     /// Remove a lease with all its locks; its queued request fails; an idempotency
-    /// execution it ran returns to free.
-    pub(crate) fn remove_lease(&mut self, id: LeaseId, t: TimeMs, how: &Removal) -> Option<Lease> {
+    /// execution it ran returns to free. Returns the lease and its holder name.
+    pub(crate) fn remove_lease(
+        &mut self,
+        id: LeaseId,
+        t: TimeMs,
+        how: &Removal,
+    ) -> Option<(Lease, Arc<str>)> {
         let (slot, lease) = self.leases.remove(&id)?;
+        let holder = Arc::clone(self.holder_of(&lease));
         // The name is dropped from the table with its last lease.
-        if let Some(leases) = self.holder_names.get_mut(&lease.holder) {
+        if let Some(leases) = self.holder_names.at_mut(lease.holder.0) {
             *leases -= 1;
             if *leases == 0 {
-                self.holder_names.remove(&lease.holder);
+                self.holder_names.remove_at(lease.holder.0);
             }
         }
         self.dirty.leases.insert(id);
         for held in &lease.locks {
             self.unhold(slot, held);
-            self.after_unhold(t, &lease.holder, held, how);
+            self.after_unhold(t, &holder, held, how);
         }
         if let Some(w) = lease.pending() {
             self.remove_waiter(w);
@@ -1440,8 +1466,15 @@ impl Engine {
         if let Some(key) = lease.executing() {
             self.idem_executor_gone(key, id, t);
         }
-        Some(lease)
+        Some((lease, holder))
     }
+}
+
+/// The holder name in `slot` of the holder table (every live lease's holder is there; a
+/// free function so that it borrows only the table, beside a lease borrowed mutably).
+pub(crate) fn holder_name(names: &TextMap<u32>, slot: HolderSlot) -> &Arc<str> {
+    static NO_HOLDER: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+    names.at(slot.0).map_or(&*NO_HOLDER, |(name, _)| name)
 }
 
 fn empty_view(id: LeaseId) -> LeaseView {

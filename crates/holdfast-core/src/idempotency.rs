@@ -65,7 +65,9 @@ impl Engine {
         if req.wait_ms == 0 {
             let lease = self.leases.get(&executor);
             return Ok(IdempotencyOutcome::InProgress {
-                holder: lease.map(|l| l.holder.to_string()).unwrap_or_default(),
+                holder: lease
+                    .map(|l| self.holder_of(l).to_string())
+                    .unwrap_or_default(),
                 expires_at_ms: lease.map_or(now, crate::leases::Lease::expires_at_ms),
             });
         }

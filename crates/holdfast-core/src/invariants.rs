@@ -34,7 +34,7 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
     let mut tokens = HashSet::new();
     let mut held_locks = 0usize;
     e.leases.check()?;
-    e.keys.check()?;
+    e.keys.check(crate::keys::KeyState::check_layout)?;
     for (slot, lease) in e.leases.iter() {
         let id = &lease.id();
         // Its expiry timer is its place in the lease table's heap (`leases.check` above).
@@ -92,19 +92,19 @@ pub(crate) fn check(e: &Engine) -> Result<(), String> {
             );
         }
     }
+    e.holder_names.check(|_| Ok(()))?;
     let mut leases_per_name: HashMap<&str, u32> = HashMap::new();
     for (_, lease) in e.leases.iter() {
         let id = lease.id();
-        ensure!(
-            e.holder_names
-                .get_key_value(&*lease.holder)
-                .is_some_and(|(n, _)| std::sync::Arc::ptr_eq(n, &lease.holder)),
-            "lease {id} holder {} is not the interned name",
-            lease.holder
-        );
-        *leases_per_name.entry(&lease.holder).or_default() += 1;
+        let Some((name, _)) = e.holder_names.at(lease.holder.0) else {
+            return Err(format!(
+                "lease {id} names holder slot {} with no name",
+                lease.holder.0
+            ));
+        };
+        *leases_per_name.entry(name).or_default() += 1;
     }
-    for (name, &count) in &e.holder_names {
+    for (name, &count) in e.holder_names.iter() {
         ensure!(
             leases_per_name.get(&**name) == Some(&count),
             "holder name {name} counts {count} leases, {} live",

@@ -2,12 +2,9 @@
 //! compatibility arithmetic shared by grants, queue scans and deadlock detection.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher as _, RandomState};
-use std::sync::Arc;
 
-use hashbrown::HashTable;
-
-use crate::slab::{Slab, Slot};
+use crate::slab::Slot;
+use crate::textmap::TextMap;
 use crate::types::{LeaseId, LockKind, LockSpec, NewLease, TimeMs, WaiterId};
 
 /// How a key is used while it is in use: the exclusive/shared family, or a semaphore with
@@ -294,7 +291,7 @@ impl KeyState {
 
     /// The representation's own rules: one holder is inline, several are all in the box,
     /// and an empty box is not kept.
-    fn check_layout(&self) -> Result<(), String> {
+    pub fn check_layout(&self) -> Result<(), String> {
         if let Some(r) = &self.rare {
             if r.is_empty() {
                 return Err("an empty box of rare parts is kept".to_owned());
@@ -412,143 +409,8 @@ impl LockWaiter {
 #[cfg(target_pointer_width = "64")]
 const _: () = assert!(std::mem::size_of::<KeyState>() == 24);
 
-/// A key in use with its text (shared with the leases holding it and with events).
-#[derive(Clone, Debug)]
-struct KeyEntry {
-    key: Arc<str>,
-    state: KeyState,
-}
-
-/// The keys in use: a [`Slab`] of (text, state) and an index of bare slots hashed by the
-/// text. A `HashMap<Arc<str>, KeyState>` kept the 56-byte entries in the hash table itself,
-/// where its load factor multiplies them (≈ 75 bytes per key), and each doubling left a
-/// block half the size of the table behind in the allocator; here the index is 4 bytes per
-/// entry and the entries sit in fixed chunks.
-///
-/// Keys are chosen by clients, so the hash is the standard keyed SipHash (`RandomState`).
-#[derive(Clone, Debug, Default)]
-pub(crate) struct KeyTable {
-    slab: Slab<KeyEntry>,
-    index: HashTable<Slot>,
-    hasher: RandomState,
-}
-
-impl KeyTable {
-    /// Reserve room for `additional` more keys (a hint: fails quietly).
-    pub fn try_reserve(&mut self, additional: usize) {
-        let (slab, hasher) = (&self.slab, &self.hasher);
-        let _ = self
-            .index
-            .try_reserve(additional, |s| rehash(slab, hasher, *s));
-        self.slab.try_reserve(additional);
-    }
-
-    fn slot_of(&self, key: &str) -> Option<Slot> {
-        let slab = &self.slab;
-        self.index
-            .find(self.hasher.hash_one(key), |s| {
-                slab.get(*s).is_some_and(|e| &*e.key == key)
-            })
-            .copied()
-    }
-
-    pub fn get(&self, key: &str) -> Option<&KeyState> {
-        self.slab.get(self.slot_of(key)?).map(|e| &e.state)
-    }
-
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut KeyState> {
-        let slot = self.slot_of(key)?;
-        self.slab.get_mut(slot).map(|e| &mut e.state)
-    }
-
-    /// The key's shared text and its state.
-    pub fn get_key_value(&self, key: &str) -> Option<(&Arc<str>, &KeyState)> {
-        self.slab
-            .get(self.slot_of(key)?)
-            .map(|e| (&e.key, &e.state))
-    }
-
-    /// The state of `key`; if the key is not in use, `new()` gives its shared text (equal to
-    /// `key`) and its state. True if it was added.
-    pub fn get_or_insert_with(
-        &mut self,
-        key: &str,
-        new: impl FnOnce() -> (Arc<str>, KeyState),
-    ) -> (&mut KeyState, bool) {
-        let (slot, added) = match self.slot_of(key) {
-            Some(slot) => (slot, false),
-            None => {
-                let (text, state) = new();
-                debug_assert_eq!(&*text, key);
-                (self.add(text, state), true)
-            }
-        };
-        // The slot was found or filled just above.
-        let entry = self
-            .slab
-            .get_mut(slot)
-            .unwrap_or_else(|| unreachable!("key slot {slot} vanished"));
-        (&mut entry.state, added)
-    }
-
-    /// Add a key that is not in use (the caller checked).
-    pub fn insert(&mut self, key: Arc<str>, state: KeyState) {
-        debug_assert!(self.slot_of(&key).is_none(), "key inserted twice");
-        self.add(key, state);
-    }
-
-    fn add(&mut self, key: Arc<str>, state: KeyState) -> Slot {
-        let hash = self.hasher.hash_one(&*key);
-        let slot = self.slab.insert(KeyEntry { key, state });
-        let (slab, hasher) = (&self.slab, &self.hasher);
-        self.index
-            .insert_unique(hash, slot, |s| rehash(slab, hasher, *s));
-        slot
-    }
-
-    pub fn remove(&mut self, key: &str) -> Option<KeyState> {
-        let slab = &self.slab;
-        let entry = self
-            .index
-            .find_entry(self.hasher.hash_one(key), |s| {
-                slab.get(*s).is_some_and(|e| &*e.key == key)
-            })
-            .ok()?;
-        let (slot, _) = entry.remove();
-        self.slab.remove(slot).map(|e| e.state)
-    }
-
-    /// Keys in use with their states, in no meaningful order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &KeyState)> {
-        self.slab.iter().map(|(_, e)| (&e.key, &e.state))
-    }
-
-    /// The table's own consistency: the slab's, and every key indexed at its slot.
-    pub fn check(&self) -> Result<(), String> {
-        self.slab.check()?;
-        if self.index.len() != self.slab.len() {
-            return Err(format!(
-                "{} keys but {} index entries",
-                self.slab.len(),
-                self.index.len()
-            ));
-        }
-        for (slot, e) in self.slab.iter() {
-            if self.slot_of(&e.key) != Some(slot) {
-                return Err(format!("key {} in slot {slot} is not indexed there", e.key));
-            }
-            e.state
-                .check_layout()
-                .map_err(|why| format!("key {}: {why}", e.key))?;
-        }
-        Ok(())
-    }
-}
-
-/// The hash of the key in `slot` (for the index's rehashing).
-fn rehash(slab: &Slab<KeyEntry>, hasher: &RandomState, slot: Slot) -> u64 {
-    slab.get(slot).map_or(0, |e| hasher.hash_one(&*e.key))
-}
+/// The keys in use, by their text (shared with the leases holding them and with events).
+pub(crate) type KeyTable = TextMap<KeyState>;
 
 #[cfg(test)]
 mod tests {
@@ -576,7 +438,7 @@ mod tests {
                     let got = t.remove(&key).map(|ks| ks.family());
                     prop_assert_eq!(got, model.remove(&key).map(Family::Semaphore));
                 }
-                t.check().map_err(TestCaseError::fail)?;
+                t.check(KeyState::check_layout).map_err(TestCaseError::fail)?;
                 prop_assert_eq!(t.iter().count(), model.len());
                 for (key, limit) in &model {
                     let (text, ks) = t.get_key_value(key).unwrap();

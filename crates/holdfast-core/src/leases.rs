@@ -133,6 +133,11 @@ impl HeldLock {
     }
 }
 
+/// Where a lease's holder name sits in `Engine::holder_names` (a type of its own, so that a
+/// slot is never shown as a name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HolderSlot(pub Slot);
+
 /// A lease's held locks, sorted by key. Most leases hold one lock: it is kept inline, where a
 /// vector would add a heap block (a 64-byte allocation per lease) beside its 24 bytes. None or
 /// several are a boxed slice (an empty one allocates nothing). Two variants, so the held
@@ -233,11 +238,13 @@ pub(crate) struct Lease {
     /// The id as two halves: a `u128` field would align the whole lease to 16 bytes.
     id_hi: u64,
     id_lo: u64,
-    /// Interned: the leases of one holder share the text (`Engine::intern_holder`).
-    pub holder: Arc<str>,
-    /// At most [`crate::limits::LEASE_TTL_MS_MAX`] (30 days), so 32 bits; it shares a word
-    /// with `expiry_pos`.
-    ttl_ms: u32,
+    /// The holder name's slot in `Engine::holder_names`, where the leases of one holder share
+    /// the text (`Engine::intern_holder`, `Engine::holder_of`).
+    pub holder: HolderSlot,
+    /// At most [`crate::limits::LEASE_TTL_MS_MAX`] (30 days), so 32 bits; never 0 (TTLs are at
+    /// least [`crate::limits::LEASE_TTL_MS_MIN`]), which gives `Option<Lease>` in the slab a
+    /// spare value instead of a tag word.
+    ttl_ms: NonZeroU32,
     /// This lease's place in the [`LeaseTable`]'s expiry heap.
     expiry_pos: u32,
     /// Changed only through [`LeaseTable::set_expiry`], which keeps the heap in order.
@@ -273,7 +280,7 @@ impl Lease {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: LeaseId,
-        holder: Arc<str>,
+        holder: HolderSlot,
         ttl_ms: u64,
         expires_at_ms: TimeMs,
         created_at_ms: TimeMs,
@@ -300,7 +307,7 @@ impl Lease {
     }
 
     pub fn ttl_ms(&self) -> u64 {
-        u64::from(self.ttl_ms)
+        u64::from(self.ttl_ms.get())
     }
 
     pub fn expires_at_ms(&self) -> TimeMs {
@@ -361,10 +368,11 @@ impl Lease {
         self.locks.binary_search_by(|l| (*l.key).cmp(key))
     }
 
-    pub fn view(&self) -> LeaseView {
+    /// The lease as the API shows it; `holder` is its holder name.
+    pub fn view(&self, holder: &str) -> LeaseView {
         LeaseView {
             lease_id: self.id(),
-            holder: self.holder.to_string(),
+            holder: holder.to_owned(),
             ttl_ms: self.ttl_ms(),
             expires_at_ms: self.expires_at_ms,
             created_at_ms: self.created_at_ms,
@@ -375,8 +383,9 @@ impl Lease {
         }
     }
 
-    pub fn record(&self) -> LeaseRecord {
-        let v = self.view();
+    /// The lease as it is stored; `holder` is its holder name.
+    pub fn record(&self, holder: &str) -> LeaseRecord {
+        let v = self.view(holder);
         LeaseRecord {
             lease_id: v.lease_id,
             holder: v.holder,
@@ -397,14 +406,15 @@ impl Lease {
 const _: () = {
     assert!(std::mem::size_of::<HeldLock>() == 48);
     assert!(std::mem::size_of::<HeldLocks>() == 48);
-    assert!(std::mem::size_of::<Option<Lease>>() == 120);
+    assert!(std::mem::size_of::<Option<Lease>>() == 112);
 };
 
 /// A TTL in the lease's 32-bit field. Every path that sets a TTL validated it against
-/// [`crate::limits::LEASE_TTL_MS_MAX`] first; saturating keeps a bad value finite anyway.
-fn ttl_32(ttl_ms: u64) -> u32 {
+/// [`crate::limits::LEASE_TTL_MS_MIN`] and [`crate::limits::LEASE_TTL_MS_MAX`] first;
+/// clamping keeps a bad value in range anyway.
+fn ttl_32(ttl_ms: u64) -> NonZeroU32 {
     const _: () = assert!(crate::limits::LEASE_TTL_MS_MAX <= u32::MAX as u64);
-    u32::try_from(ttl_ms).unwrap_or(u32::MAX)
+    NonZeroU32::new(u32::try_from(ttl_ms).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN)
 }
 
 /// A lease id's high and low halves.
@@ -661,7 +671,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn lease(id: u128) -> Lease {
-        Lease::new(LeaseId(id), "h".into(), 1, 2, 0, HeldLocks::none(), None)
+        Lease::new(LeaseId(id), HolderSlot(0), 1, 2, 0, HeldLocks::none(), None)
     }
 
     #[test]
@@ -684,7 +694,15 @@ mod tests {
     }
 
     fn lease_expiring(id: u128, at: TimeMs) -> Lease {
-        Lease::new(LeaseId(id), "h".into(), 1, at, 0, HeldLocks::none(), None)
+        Lease::new(
+            LeaseId(id),
+            HolderSlot(0),
+            1,
+            at,
+            0,
+            HeldLocks::none(),
+            None,
+        )
     }
 
     #[test]

@@ -50,6 +50,7 @@ mod keys;
 mod leases;
 mod slab;
 mod snapshot;
+mod textmap;
 mod validate;
 
 pub use engine::Engine;

@@ -15,7 +15,11 @@ use crate::types::{
 };
 
 pub(crate) fn durable_state(e: &Engine) -> DurableState {
-    let mut leases: Vec<_> = e.leases.iter().map(|(_, l)| l.record()).collect();
+    let mut leases: Vec<_> = e
+        .leases
+        .iter()
+        .map(|(_, l)| l.record(e.holder_of(l)))
+        .collect();
     leases.sort_by_key(|l| l.lease_id);
     let mut idempotency: Vec<_> = e.idem.values().map(|x| x.record.clone()).collect();
     idempotency.sort_by(|a, b| a.key.cmp(&b.key));
@@ -106,9 +110,9 @@ impl Restorer {
         }
         // Bounds that every request is held to, and that the compact in-memory form relies
         // on (a TTL and a lock-delay in 32 bits, a semaphore limit in 30).
-        if rec.ttl_ms > LEASE_TTL_MS_MAX {
+        if !(1..=LEASE_TTL_MS_MAX).contains(&rec.ttl_ms) {
             return Err(err(format!(
-                "lease {id} has ttl_ms {} above {LEASE_TTL_MS_MAX}",
+                "lease {id} has ttl_ms {}, not in 1..={LEASE_TTL_MS_MAX}",
                 rec.ttl_ms
             )));
         }
