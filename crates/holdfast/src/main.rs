@@ -178,16 +178,16 @@ enum AdminCommand {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Serve(args) => match {
+        Command::Serve(args) => {
             disable_transparent_huge_pages();
-            holdfast_server::serve_blocking(args)
-        } {
-            Ok(()) => 0,
-            Err(err) => {
-                eprintln!("holdfast serve: {err}");
-                exit::GENERIC
+            match holdfast_server::serve_blocking(args) {
+                Ok(()) => 0,
+                Err(err) => {
+                    eprintln!("holdfast serve: {err}");
+                    exit::GENERIC
+                }
             }
-        },
+        }
         Command::Exec(args) => exec::exec(&args),
         command => client_main(&cli.global, command),
     };
