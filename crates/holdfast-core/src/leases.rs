@@ -1,8 +1,9 @@
 //! Leases and the locks they hold.
 //!
 //! A lease owns its held locks (the per-grant facts: kind, fencing token, count, times); the key
-//! table only lists which leases hold a key. Strings are boxed (`Box<str>`, 16 bytes) to keep a
-//! held lock small.
+//! table only lists which leases hold a key. Both are laid out for memory (W3 in
+//! `docs/benchmarks.md`): a held lock shares its key's text with the key table, a lease names
+//! its holder by a slot in the holder-name table, and their sizes are asserted below.
 
 use std::hash::BuildHasher as _;
 use std::num::NonZeroU32;
