@@ -694,6 +694,26 @@ mod tests {
         t.check().unwrap();
     }
 
+    proptest! {
+        /// Every kind a request or a record can carry comes back from its packed form.
+        #[test]
+        fn packed_kinds_round_trip(
+            variant in 0u8..3,
+            limit in 1u32..=crate::limits::SEMAPHORE_LIMIT_MAX,
+            permits_share in 0.0f64..=1.0,
+        ) {
+            // Permits in 1..=limit.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let permits = ((f64::from(limit) * permits_share) as u32).clamp(1, limit);
+            let kind = match variant {
+                0 => LockKind::Exclusive,
+                1 => LockKind::Shared,
+                _ => LockKind::Semaphore { limit, permits },
+            };
+            prop_assert_eq!(PackedKind::new(kind).get(), kind);
+        }
+    }
+
     fn lease_expiring(id: u128, at: TimeMs) -> Lease {
         Lease::new(
             LeaseId(id),

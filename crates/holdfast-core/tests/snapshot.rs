@@ -416,6 +416,39 @@ fn restore_refuses_inconsistent_states() {
         s.fencing_next = 100;
     });
     assert!(err.0.contains("different modes"), "{err}");
+    // Values past the engine's maxima (its compact in-memory form relies on them).
+    let err = bad(&|s| s.leases[0].ttl_ms = limits::LEASE_TTL_MS_MAX + 1);
+    assert!(err.0.contains("ttl_ms"), "{err}");
+    let err = bad(&|s| s.leases[0].ttl_ms = 0);
+    assert!(err.0.contains("ttl_ms"), "{err}");
+    let err = bad(&|s| s.leases[0].locks[0].lock_delay_ms = limits::LOCK_DELAY_MS_MAX + 1);
+    assert!(err.0.contains("lock_delay_ms"), "{err}");
+    let err = bad(&|s| {
+        let big = limits::SEMAPHORE_LIMIT_MAX + 1;
+        for l in &mut s.leases[0].locks {
+            if l.key == "s" {
+                l.kind = LockKind::Semaphore {
+                    limit: big,
+                    permits: 2,
+                };
+            }
+        }
+    });
+    assert!(err.0.contains("limit"), "{err}");
+    // At the maxima, every value comes back exactly.
+    let mut edge = good.clone();
+    edge.leases[0].ttl_ms = limits::LEASE_TTL_MS_MAX;
+    for l in &mut edge.leases[0].locks {
+        l.lock_delay_ms = limits::LOCK_DELAY_MS_MAX;
+        if l.key == "s" {
+            l.kind = LockKind::Semaphore {
+                limit: limits::SEMAPHORE_LIMIT_MAX,
+                permits: limits::SEMAPHORE_LIMIT_MAX,
+            };
+        }
+    }
+    let restored = Engine::restore(Limits::default(), edge.clone(), 0, 0).unwrap();
+    assert_eq!(restored.durable_state().leases, edge.leases);
 }
 
 #[test]
