@@ -83,13 +83,6 @@ fn rss_bytes() -> Option<u64> {
 fn measure_memory(leases: usize, per_lease: usize) {
     let before = rss_bytes();
     let e = engine_with(leases, per_lease);
-    // mimalloc returns freed memory (the tables' old blocks after each growth) to the OS after
-    // a delay (10 ms x 10 for arenas), on a later allocation; the server is sampled long
-    // after that, with requests in between.
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    for n in 0..1000usize {
-        black_box(vec![0u8; 64 + n % 4096]);
-    }
     let after = rss_bytes();
     let locks = leases * per_lease;
     assert_eq!(e.stats().active_locks as usize, locks);

@@ -958,7 +958,7 @@ impl Engine {
         self.next_waiter_id += 1;
         for spec in &request.locks {
             let family = Family::of(spec.kind);
-            let (ks, _) = self.keys.get_or_insert_with(&spec.key, || {
+            let (_, ks, _) = self.keys.get_or_insert_with(&spec.key, || {
                 (spec.key.as_str().into(), KeyState::new(family))
             });
             if !ks.in_use() {
@@ -1107,34 +1107,29 @@ impl Engine {
                 h.view()
             }
             Err(i) => {
-                // Share the key's text with the key table when the key is already in use.
-                let key: Arc<str> = match self.keys.get_key_value(spec.key.as_str()) {
-                    Some((k, _)) => Arc::clone(k),
-                    None => spec.key.as_str().into(),
-                };
-                let h = HeldLock::new(key, spec.kind, self.fencing_next, t, spec.lock_delay_ms);
+                // The held lock shares the key's text with the key table (one lookup finds
+                // or adds the key).
+                let family = Family::of(spec.kind);
+                let (key, ks, _) = self.keys.get_or_insert_with(&spec.key, || {
+                    (spec.key.as_str().into(), KeyState::new(family))
+                });
+                if !ks.in_use() {
+                    ks.set_family(family);
+                }
+                ks.add_holder(slot);
+                ks.held_add(spec.kind);
+                if ks.holders().len() == 1 {
+                    self.held_keys += 1;
+                }
+                let h = HeldLock::new(
+                    Arc::clone(key),
+                    spec.kind,
+                    self.fencing_next,
+                    t,
+                    spec.lock_delay_ms,
+                );
                 self.fencing_next += 1;
                 let view = h.view();
-                let family = Family::of(spec.kind);
-                match self.keys.get_mut(spec.key.as_str()) {
-                    Some(ks) => {
-                        if !ks.in_use() {
-                            ks.set_family(family);
-                        }
-                        ks.add_holder(slot);
-                        ks.held_add(spec.kind);
-                        if ks.holders().len() == 1 {
-                            self.held_keys += 1;
-                        }
-                    }
-                    None => {
-                        let mut ks = KeyState::new(family);
-                        ks.add_holder(slot);
-                        ks.held_add(spec.kind);
-                        self.held_keys += 1;
-                        self.keys.insert(h.key.clone(), ks);
-                    }
-                }
                 lease.locks.insert(i, h);
                 view
             }

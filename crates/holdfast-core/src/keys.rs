@@ -428,7 +428,7 @@ mod tests {
             for (add, k, limit) in ops {
                 let key = format!("k/{k}");
                 if add {
-                    let (ks, added) = t.get_or_insert_with(&key, || {
+                    let (_, ks, added) = t.get_or_insert_with(&key, || {
                         (key.as_str().into(), KeyState::new(Family::Semaphore(limit)))
                     });
                     prop_assert_eq!(added, !model.contains_key(&key));
@@ -441,7 +441,7 @@ mod tests {
                 t.check(KeyState::check_layout).map_err(TestCaseError::fail)?;
                 prop_assert_eq!(t.iter().count(), model.len());
                 for (key, limit) in &model {
-                    let (text, ks) = t.get_key_value(key).unwrap();
+                    let (text, ks) = t.slot_of(key).and_then(|s| t.at(s)).unwrap();
                     prop_assert_eq!(&**text, key.as_str());
                     prop_assert_eq!(ks.family(), Family::Semaphore(*limit));
                 }

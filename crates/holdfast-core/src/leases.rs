@@ -5,15 +5,13 @@
 //! `docs/benchmarks.md`): a held lock shares its key's text with the key table, a lease names
 //! its holder by a slot in the holder-name table, and their sizes are asserted below.
 
-use std::hash::BuildHasher as _;
+use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use hashbrown::HashTable;
-
 use crate::idhash::IdBuild;
-use crate::slab::Slab;
 pub(crate) use crate::slab::Slot;
+use crate::slab::{IndexedSlab, Keyed};
 use crate::types::{HeldLockView, LeaseId, LeaseRecord, LeaseView, LockKind, TimeMs, WaiterId};
 
 /// A [`LockKind`] in 8 bytes instead of 12: the variant and a semaphore's limit share one
@@ -425,56 +423,42 @@ pub(crate) fn split_id(id: LeaseId) -> (u64, u64) {
     ((id.0 >> 64) as u64, id.0 as u64)
 }
 
-/// The hash of a lease id in the slot index.
-fn id_hash(id: LeaseId) -> u64 {
-    IdBuild::default().hash_one(id.0)
+impl Keyed for Lease {
+    fn key_hash(&self, hasher: &impl BuildHasher) -> u64 {
+        hasher.hash_one(self.id().0)
+    }
 }
 
-/// The live leases: a [`Slab`] of leases, an index from lease id to slot, and the leases in
-/// expiry order. Other structures (key holders) refer to a lease by its 4-byte slot instead
-/// of its 16-byte id.
+/// The live leases: an [`IndexedSlab`] of leases found by id (hashed with the engine's id
+/// hasher), and the leases in expiry order. Other structures (key holders) refer to a lease
+/// by its 4-byte slot instead of its 16-byte id.
 ///
-/// Both the index and the expiry heap hold bare slots and read the id and the expiry time
-/// from the slab: an index entry is 4 bytes instead of 24 (id and slot), and a heap entry 4
-/// instead of a 24-byte ordered-set entry in B-tree nodes that ascending inserts leave about
-/// half full (together ≈ 70 bytes less per lease).
+/// The expiry heap holds bare slots too and reads the expiry time and id from the slab: a
+/// heap entry is 4 bytes instead of a 24-byte ordered-set entry in B-tree nodes that
+/// ascending inserts leave about half full (with the 4-byte index entries, ≈ 70 bytes less
+/// per lease).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct LeaseTable {
-    slab: Slab<Lease>,
-    /// Slots of the live leases, hashed by lease id.
-    index: HashTable<Slot>,
+    leases: IndexedSlab<Lease, IdBuild>,
     /// Slots of the live leases as a binary min-heap on (expiry time, id); every lease
     /// knows its position (`Lease::expiry_pos`).
     expiry: Vec<Slot>,
 }
 
-/// The id hash of the lease in `slot` (for the index's rehashing).
-fn hash_at(slab: &Slab<Lease>, slot: Slot) -> u64 {
-    slab.get(slot).map_or(0, |l| id_hash(l.id()))
-}
-
-/// Does the lease in `slot` have this id?
-fn has_id(slab: &Slab<Lease>, slot: Slot, id: LeaseId) -> bool {
-    slab.get(slot).is_some_and(|l| l.id() == id)
-}
-
 impl LeaseTable {
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.leases.len()
     }
 
     /// Reserve room for `additional` more leases (a hint: fails quietly).
     pub fn try_reserve(&mut self, additional: usize) {
-        let slab = &self.slab;
-        let _ = self.index.try_reserve(additional, |s| hash_at(slab, *s));
+        self.leases.try_reserve(additional);
         let _ = self.expiry.try_reserve(additional);
-        self.slab.try_reserve(additional);
     }
 
     pub fn slot_of(&self, id: LeaseId) -> Option<Slot> {
-        self.index
-            .find(id_hash(id), |s| has_id(&self.slab, *s, id))
-            .copied()
+        let hash = self.leases.hasher().hash_one(id.0);
+        self.leases.find(hash, |l| l.id() == id)
     }
 
     pub fn contains_key(&self, id: &LeaseId) -> bool {
@@ -492,21 +476,17 @@ impl LeaseTable {
 
     /// The lease in `slot`, if the slot is in use.
     pub fn at(&self, slot: Slot) -> Option<&Lease> {
-        self.slab.get(slot)
+        self.leases.get(slot)
     }
 
     pub fn at_mut(&mut self, slot: Slot) -> Option<&mut Lease> {
-        self.slab.get_mut(slot)
+        self.leases.get_mut(slot)
     }
 
     /// Add a lease whose id is not in the table (the caller checked); returns its slot.
     pub fn insert(&mut self, lease: Lease) -> Slot {
-        let id = lease.id();
-        debug_assert!(!self.contains_key(&id), "lease inserted twice");
-        let slot = self.slab.insert(lease);
-        let slab = &self.slab;
-        self.index
-            .insert_unique(id_hash(id), slot, |s| hash_at(slab, *s));
+        debug_assert!(!self.contains_key(&lease.id()), "lease inserted twice");
+        let slot = self.leases.insert(lease);
         self.expiry.push(slot);
         self.sift_up(self.expiry.len() - 1);
         slot
@@ -514,15 +494,11 @@ impl LeaseTable {
 
     /// Remove a lease; returns the slot it had (now free) and the lease.
     pub fn remove(&mut self, id: &LeaseId) -> Option<(Slot, Lease)> {
-        let slab = &self.slab;
-        let entry = self
-            .index
-            .find_entry(id_hash(*id), |s| has_id(slab, *s, *id))
-            .ok()?;
-        let (slot, _) = entry.remove();
-        let pos = self.at(slot)?.expiry_pos as usize;
-        self.heap_remove(pos);
-        Some((slot, self.slab.remove(slot)?))
+        let hash = self.leases.hasher().hash_one(id.0);
+        let (slot, lease) = self.leases.remove_where(hash, |l| l.id() == *id)?;
+        // Its heap entry now names a free slot; the heap reads only the other entries' keys.
+        self.heap_remove(lease.expiry_pos as usize, lease.expiry_key());
+        Some((slot, lease))
     }
 
     /// Set a lease's TTL and expiry time, and move it to its place in the expiry order.
@@ -607,13 +583,12 @@ impl LeaseTable {
         self.place(pos, slot);
     }
 
-    /// Take the entry at heap position `pos` out (its lease is still in the slab).
-    fn heap_remove(&mut self, pos: usize) {
+    /// Take the entry at heap position `pos` out; `removed_key` was its expiry key.
+    fn heap_remove(&mut self, pos: usize, removed_key: (TimeMs, u64, u64)) {
         let Some(last) = self.expiry.pop() else {
             return;
         };
         if pos < self.expiry.len() {
-            let removed_key = self.key_at(self.expiry[pos]);
             self.place(pos, last);
             if self.key_at(last) < removed_key {
                 self.sift_up(pos);
@@ -625,14 +600,14 @@ impl LeaseTable {
 
     /// Live leases with their slots, in slot order (not a meaningful order).
     pub fn iter(&self) -> impl Iterator<Item = (Slot, &Lease)> {
-        self.slab.iter()
+        self.leases.iter()
     }
 
-    /// The table's own consistency: the slab's, every used slot indexed under its lease's
-    /// id, and the expiry heap holding every live lease once, in heap order, at the position
-    /// the lease records.
+    /// The table's own consistency: the slab's, every lease found by its id at its slot, and
+    /// the expiry heap holding every live lease once, in heap order, at the position the
+    /// lease records.
     pub fn check(&self) -> Result<(), String> {
-        self.slab.check()?;
+        self.leases.check()?;
         for (slot, lease) in self.iter() {
             let id = lease.id();
             if self.slot_of(id) != Some(slot) {
@@ -645,11 +620,10 @@ impl LeaseTable {
                 ));
             }
         }
-        let used = self.slab.len();
-        if used != self.index.len() || used != self.expiry.len() {
+        if self.leases.len() != self.expiry.len() {
             return Err(format!(
-                "{used} used slots but {} indexed leases and {} expiry heap entries",
-                self.index.len(),
+                "{} leases but {} expiry heap entries",
+                self.leases.len(),
                 self.expiry.len()
             ));
         }

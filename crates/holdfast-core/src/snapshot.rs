@@ -199,7 +199,7 @@ impl Restorer {
         for h in &lease.locks {
             tokens.push(h.fencing_token);
             let family = Family::of(h.kind());
-            let (ks, added) = e
+            let (_, ks, added) = e
                 .keys
                 .get_or_insert_with(&h.key, || (Arc::clone(&h.key), KeyState::new(family)));
             if added {
@@ -278,7 +278,7 @@ impl Restorer {
         }
 
         for (key, until) in lock_delays {
-            let (ks, _) = e.keys.get_or_insert_with(&key, || {
+            let (_, ks, _) = e.keys.get_or_insert_with(&key, || {
                 (key.as_str().into(), KeyState::new(Family::ReadWrite))
             });
             if ks.delayed_until_ms().is_some() {

@@ -1,71 +1,60 @@
 //! A map from client-chosen text (lock keys, holder names) to a value, with the text stored
 //! once and shared (`Arc<str>`) with whoever else needs it (held locks, events).
 //!
-//! A [`Slab`] of (text, value) and an index of bare slots hashed by the text. A
+//! The entries sit in an [`IndexedSlab`] (fixed chunks behind an index of 4-byte slots). A
 //! `HashMap<Arc<str>, V>` kept the entries in the hash table itself, where its load factor
 //! multiplies them (≈ 75 bytes per key for a 40-byte key state), and each doubling left a
-//! block half the size of the table behind in the allocator; here the index is 4 bytes per
-//! entry and the entries sit in fixed chunks. An entry's slot is stable while it lives, so
-//! a lease can name its holder by a 4-byte slot.
+//! block half the size of the table behind in the allocator. An entry's slot is stable while
+//! it lives, so a lease can name its holder by a 4-byte slot.
 //!
 //! The text is chosen by clients, so the hash is the standard keyed SipHash
 //! (`RandomState`), which resists collision flooding.
 
-use std::hash::{BuildHasher as _, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
-use hashbrown::HashTable;
+use crate::slab::{IndexedSlab, Keyed, Slot};
 
-use crate::slab::{Slab, Slot};
+/// One entry: the shared text and its value.
+type Entry<V> = (Arc<str>, V);
+
+impl<V> Keyed for Entry<V> {
+    fn key_hash(&self, hasher: &impl BuildHasher) -> u64 {
+        hasher.hash_one(&*self.0)
+    }
+}
 
 #[derive(Clone, Debug)]
 pub(crate) struct TextMap<V> {
-    slab: Slab<(Arc<str>, V)>,
-    index: HashTable<Slot>,
-    hasher: RandomState,
+    entries: IndexedSlab<Entry<V>, RandomState>,
 }
 
 impl<V> Default for TextMap<V> {
     fn default() -> Self {
         TextMap {
-            slab: Slab::default(),
-            index: HashTable::new(),
-            hasher: RandomState::new(),
+            entries: IndexedSlab::default(),
         }
     }
-}
-
-/// The hash of the text in `slot` (for the index's rehashing).
-fn rehash<V>(slab: &Slab<(Arc<str>, V)>, hasher: &RandomState, slot: Slot) -> u64 {
-    slab.get(slot).map_or(0, |(t, _)| hasher.hash_one(&**t))
 }
 
 impl<V> TextMap<V> {
     /// Reserve room for `additional` more entries (a hint: fails quietly).
     pub fn try_reserve(&mut self, additional: usize) {
-        let (slab, hasher) = (&self.slab, &self.hasher);
-        let _ = self
-            .index
-            .try_reserve(additional, |s| rehash(slab, hasher, *s));
-        self.slab.try_reserve(additional);
+        self.entries.try_reserve(additional);
     }
 
     pub fn slot_of(&self, text: &str) -> Option<Slot> {
-        let slab = &self.slab;
-        self.index
-            .find(self.hasher.hash_one(text), |s| {
-                slab.get(*s).is_some_and(|(t, _)| &**t == text)
-            })
-            .copied()
+        let hash = self.entries.hasher().hash_one(text);
+        self.entries.find(hash, |(t, _)| &**t == text)
     }
 
     /// The entry in `slot`, if the slot is in use.
     pub fn at(&self, slot: Slot) -> Option<(&Arc<str>, &V)> {
-        self.slab.get(slot).map(|(t, v)| (t, v))
+        self.entries.get(slot).map(|(t, v)| (t, v))
     }
 
     pub fn at_mut(&mut self, slot: Slot) -> Option<&mut V> {
-        self.slab.get_mut(slot).map(|(_, v)| v)
+        self.entries.get_mut(slot).map(|(_, v)| v)
     }
 
     pub fn get(&self, text: &str) -> Option<&V> {
@@ -75,11 +64,6 @@ impl<V> TextMap<V> {
     pub fn get_mut(&mut self, text: &str) -> Option<&mut V> {
         let slot = self.slot_of(text)?;
         self.at_mut(slot)
-    }
-
-    /// The shared text and the value.
-    pub fn get_key_value(&self, text: &str) -> Option<(&Arc<str>, &V)> {
-        self.at(self.slot_of(text)?)
     }
 
     /// The slot of `text`; if it is absent, `new()` gives its shared text (equal to `text`)
@@ -97,62 +81,48 @@ impl<V> TextMap<V> {
         (self.insert(shared, value), true)
     }
 
-    /// The value of `text`, added as [`TextMap::slot_or_insert_with`] does if absent; true if
-    /// it was added.
+    /// The shared text and the value of `text`, added as [`TextMap::slot_or_insert_with`]
+    /// does if absent; true if it was added.
     pub fn get_or_insert_with(
         &mut self,
         text: &str,
         new: impl FnOnce() -> (Arc<str>, V),
-    ) -> (&mut V, bool) {
+    ) -> (&Arc<str>, &mut V, bool) {
         let (slot, added) = self.slot_or_insert_with(text, new);
-        let value = self
-            .at_mut(slot)
+        let (shared, value) = self
+            .entries
+            .get_mut(slot)
             .unwrap_or_else(|| unreachable!("slot {slot} was found or filled just now"));
-        (value, added)
+        (shared, value, added)
     }
 
     /// Add text that is not in the map (the caller checked); returns its slot.
     pub fn insert(&mut self, text: Arc<str>, value: V) -> Slot {
         debug_assert!(self.slot_of(&text).is_none(), "text inserted twice");
-        let hash = self.hasher.hash_one(&*text);
-        let slot = self.slab.insert((text, value));
-        let (slab, hasher) = (&self.slab, &self.hasher);
-        self.index
-            .insert_unique(hash, slot, |s| rehash(slab, hasher, *s));
-        slot
+        self.entries.insert((text, value))
     }
 
     pub fn remove(&mut self, text: &str) -> Option<V> {
-        let slot = self.slot_of(text)?;
-        self.remove_at(slot).map(|(_, v)| v)
+        let hash = self.entries.hasher().hash_one(text);
+        let (_, (_, value)) = self.entries.remove_where(hash, |(t, _)| &**t == text)?;
+        Some(value)
     }
 
     /// Remove the entry in `slot`.
     pub fn remove_at(&mut self, slot: Slot) -> Option<(Arc<str>, V)> {
-        let hash = self.hasher.hash_one(&*self.slab.get(slot)?.0);
-        if let Ok(entry) = self.index.find_entry(hash, |s| *s == slot) {
-            entry.remove();
-        }
-        self.slab.remove(slot)
+        self.entries.remove(slot)
     }
 
     /// Entries in no meaningful order.
     pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &V)> {
-        self.slab.iter().map(|(_, (t, v))| (t, v))
+        self.entries.iter().map(|(_, (t, v))| (t, v))
     }
 
-    /// The map's own consistency (the slab's, every text indexed at its slot), and each
-    /// value's by `value_ok`.
+    /// The map's own consistency (every text found at its slot), and each value's by
+    /// `value_ok`.
     pub fn check(&self, value_ok: impl Fn(&V) -> Result<(), String>) -> Result<(), String> {
-        self.slab.check()?;
-        if self.index.len() != self.slab.len() {
-            return Err(format!(
-                "{} entries but {} index entries",
-                self.slab.len(),
-                self.index.len()
-            ));
-        }
-        for (slot, (text, value)) in self.slab.iter() {
+        self.entries.check()?;
+        for (slot, (text, value)) in self.entries.iter() {
             if self.slot_of(text) != Some(slot) {
                 return Err(format!("{text} in slot {slot} is not indexed there"));
             }
