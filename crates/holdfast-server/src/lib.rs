@@ -42,6 +42,7 @@ pub mod convert;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod store;
 pub mod wal;
@@ -367,6 +368,8 @@ async fn open_engine(
         let engine = restorer
             .finish(rest.idempotency, rest.lock_delays)
             .map_err(restore_err)?;
+        // The segments read and the records decoded are freed: give their pages back.
+        memory::release_free_memory();
         Ok((engine, Some(store), summary))
     })
     .await

@@ -180,6 +180,7 @@ fn main() -> std::process::ExitCode {
     let code = match cli.command {
         Command::Serve(args) => {
             disable_transparent_huge_pages();
+            holdfast_server::memory::set_release_hook(release_free_memory);
             match holdfast_server::serve_blocking(args) {
                 Ok(()) => 0,
                 Err(err) => {
@@ -205,6 +206,17 @@ fn disable_transparent_huge_pages() {
         // A kernel without the flag (before 3.15) keeps huge pages: only memory, not behaviour.
         let _ = nix::sys::prctl::set_thp_disable(true);
     }
+}
+
+/// Return mimalloc's free pages to the OS: the server calls this after each checkpoint and
+/// after a restart's recovery (`holdfast_server::memory`). Without it, what a checkpoint freed
+/// stayed resident: W3 in `sync` mode held 326–332 bytes per lock at 100,000 locks and 292 at
+/// 300,000, against 304–307 and 255 with it.
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    // SAFETY: `mi_collect` takes no arguments that could be invalid and may be called from any
+    // thread at any time: it walks mimalloc's own free lists and returns empty pages.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// Run a client subcommand on a single-threaded runtime (the child of `run` is spawned from
