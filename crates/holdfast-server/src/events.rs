@@ -31,8 +31,11 @@ pub struct Subscription {
     pub live: broadcast::Receiver<Arc<Event>>,
 }
 
+/// The events themselves, not `Arc`s of them: a publish then allocates nothing unless someone
+/// is listening, and 10,000 buffered events take 1.4 MB instead of 1.7 MB (an `Arc<Event>` is
+/// 152 bytes in a 160-byte allocation, plus the pointer). Subscribers get copies in `Arc`s.
 struct Ring {
-    events: VecDeque<Arc<Event>>,
+    events: VecDeque<Event>,
     /// Sequence number the next published event will have at least.
     next_seq: u64,
 }
@@ -51,7 +54,9 @@ impl EventHub {
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         Self {
             ring: Mutex::new(Ring {
-                events: VecDeque::with_capacity(capacity.min(1024)),
+                // All of it at once: growing by doubling would leave the smaller buffers behind
+                // in the allocator. Pages are touched only as the ring fills.
+                events: VecDeque::with_capacity(capacity),
                 next_seq,
             }),
             capacity,
@@ -71,15 +76,22 @@ impl EventHub {
             return;
         }
         let mut ring = self.ring();
+        // Subscribing takes the ring's lock too, so nobody subscribes between this check and
+        // the sends below.
+        let live = self.tx.receiver_count() > 0;
         for event in events {
-            let event = Arc::new(event);
             ring.next_seq = ring.next_seq.max(event.seq + 1);
+            if live {
+                // A receiver that went away meanwhile is fine.
+                let _ = self.tx.send(Arc::new(event.clone()));
+            }
+            if self.capacity == 0 {
+                continue;
+            }
             if ring.events.len() == self.capacity {
                 ring.events.pop_front();
             }
-            ring.events.push_back(Arc::clone(&event));
-            // No receivers is fine.
-            let _ = self.tx.send(event);
+            ring.events.push_back(event);
         }
     }
 
@@ -104,7 +116,7 @@ impl EventHub {
             .events
             .iter()
             .filter(|e| e.seq > after)
-            .cloned()
+            .map(|e| Arc::new(e.clone()))
             .collect();
         Subscription {
             backlog,
