@@ -58,6 +58,11 @@ struct Args {
     /// W4 concurrent clients acquiring them.
     #[arg(long, default_value_t = 64)]
     w4_clients: usize,
+    /// Run W1 and W2 this many times, every system once per round, and report per
+    /// configuration the round with the median pairs/s or grants/s (every round goes to the
+    /// JSON). On a shared machine one round's ratios move by 20–40 %. W3 and W4 run once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=25))]
+    rounds: u64,
     /// Redis.
     #[arg(
         long,
@@ -229,6 +234,7 @@ async fn full(args: Args) -> anyhow::Result<std::process::ExitCode> {
         w3_clients: args.w3_clients,
         w4_locks: args.w4_locks,
         w4_clients: args.w4_clients,
+        rounds: usize::try_from(args.rounds).unwrap_or(1),
         redis_url: from_file(
             "HOLDFAST_BENCH_REDIS_URL",
             args.redis_url.clone(),

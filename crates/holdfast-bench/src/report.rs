@@ -77,6 +77,9 @@ pub struct Row {
     /// Why it did not run or failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Which round measured it, when W1/W2 ran in several (`--rounds`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round: Option<usize>,
 }
 
 /// A peer as reached in this run.
@@ -110,6 +113,8 @@ pub struct Meta {
     pub timing: Timing,
     /// How holdfast was driven (`client` or `http`).
     pub holdfast_transport: String,
+    /// Rounds of W1/W2 (the tables show each configuration's median round).
+    pub rounds: usize,
     /// The peers.
     pub peers: Vec<PeerInfo>,
 }
@@ -132,8 +137,11 @@ pub struct TargetCheck {
 pub struct Report {
     /// Header.
     pub meta: Meta,
-    /// Every row.
+    /// Every row (W1/W2: each configuration's median round when there were several).
     pub rows: Vec<Row>,
+    /// With several rounds, every round's W1/W2 rows (and the first round's W3/W4).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub round_rows: Vec<Row>,
     /// Targets, checked.
     pub targets: Vec<TargetCheck>,
     /// Remarks made during the run (fallbacks, skipped systems).
@@ -320,6 +328,13 @@ impl Report {
             meta.timing.duration.as_secs_f64(),
             meta.holdfast_transport
         );
+        if meta.rounds > 1 {
+            let _ = writeln!(
+                out,
+                "W1/W2 ran in {} rounds (every system once per round); each row is the round with the median pairs/s or grants/s, every round is in the JSON (`round_rows`).\n",
+                meta.rounds
+            );
+        }
         if !meta.peers.is_empty() {
             let _ = writeln!(
                 out,

@@ -138,6 +138,9 @@ pub struct Config {
     pub w4_locks: usize,
     /// W4 clients.
     pub w4_clients: usize,
+    /// W1 and W2 run this many times (every system once per round, in order); the report
+    /// keeps, per configuration, the round with the median throughput. W3 and W4 run once.
+    pub rounds: usize,
     /// Redis URL.
     pub redis_url: String,
     /// PostgreSQL URL.
@@ -182,6 +185,7 @@ async fn run_system<S: LockSystem>(
         clients,
         hold_ms,
         error: outcome.as_ref().err().map(|err| format!("{err:#}")),
+        round: None,
         metrics: outcome.ok(),
     };
     if workloads.contains(&Workload::W1) {
@@ -256,6 +260,7 @@ fn unavailable_rows(
             hold_ms,
             metrics: None,
             error: Some(why.to_owned()),
+            round: None,
         });
     };
     if workloads.contains(&Workload::W1) {
@@ -387,9 +392,73 @@ fn peer(system: SystemId, url: &str, note: String) -> PeerInfo {
 pub async fn run(config: Config) -> anyhow::Result<Report> {
     let (nproc, cpu_model) = crate::procfs::machine();
     let load_at_start = crate::procfs::load_average();
-    let mut rows = Vec::new();
     let mut notes = config.notes.clone();
     let mut peers = Vec::new();
+    let rounds = config.rounds.max(1);
+    let mut by_round: Vec<Vec<Row>> = Vec::new();
+    for round in 1..=rounds {
+        let mut this = config.clone();
+        if round > 1 {
+            this.workloads
+                .retain(|w| matches!(w, Workload::W1 | Workload::W2));
+            if this.workloads.is_empty() {
+                break;
+            }
+            progress!("round {round} of {rounds} (W1, W2)");
+        }
+        let mut rows = Vec::new();
+        run_round(&this, &mut rows, &mut notes, &mut peers).await;
+        for row in &mut rows {
+            row.round = (rounds > 1).then_some(round);
+        }
+        by_round.push(rows);
+    }
+    // Each round met the same peers and made the same remarks.
+    let mut seen = std::collections::HashSet::new();
+    peers.retain(|p: &PeerInfo| seen.insert(p.system.clone()));
+    let mut seen = std::collections::HashSet::new();
+    notes.retain(|n| seen.insert(n.clone()));
+    let rounds = by_round.len();
+    if rounds == 1 {
+        for row in by_round.iter_mut().flatten() {
+            row.round = None;
+        }
+    }
+    let round_rows: Vec<Row> = if rounds > 1 {
+        by_round.iter().flatten().cloned().collect()
+    } else {
+        Vec::new()
+    };
+    let rows = median_rows(by_round);
+    let mut report = Report {
+        meta: Meta {
+            date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+            nproc,
+            cpu_model,
+            command: config.command.clone(),
+            load_average: (load_at_start, crate::procfs::load_average()),
+            timing: config.timing,
+            holdfast_transport: config.holdfast_transport.describe().to_owned(),
+            rounds,
+            peers,
+        },
+        rows,
+        round_rows,
+        targets: Vec::new(),
+        notes,
+    };
+    let w1_clients = config.w1_clients.iter().copied().max().unwrap_or(64);
+    report.check_targets(w1_clients, config.w2_clients, &config.w2_holds_ms);
+    Ok(report)
+}
+
+/// One round: every system in order, the workloads of `config`.
+async fn run_round(
+    config: &Config,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+    peers: &mut Vec<PeerInfo>,
+) {
     let peer_workloads: Vec<Workload> = config
         .workloads
         .iter()
@@ -408,13 +477,11 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                 peers.push(info);
                 match RedisSystem::new(&config.redis_url, durability) {
                     Ok(system) => match reachable(&system).await {
-                        Ok(()) => {
-                            run_system(&system, pid, &config, &peer_workloads, &mut rows).await
-                        }
+                        Ok(()) => run_system(&system, pid, config, &peer_workloads, rows).await,
                         Err(why) => rows.extend(unavailable_rows(
                             id,
                             durability,
-                            &config,
+                            config,
                             &peer_workloads,
                             &why,
                         )),
@@ -422,7 +489,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                     Err(err) => rows.extend(unavailable_rows(
                         id,
                         durability,
-                        &config,
+                        config,
                         &peer_workloads,
                         &format!("{err:#}"),
                     )),
@@ -438,11 +505,11 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                 peers.push(info);
                 let system = PostgresSystem::new(&config.postgres_url);
                 match reachable(&system).await {
-                    Ok(()) => run_system(&system, pid, &config, &peer_workloads, &mut rows).await,
+                    Ok(()) => run_system(&system, pid, config, &peer_workloads, rows).await,
                     Err(why) => rows.extend(unavailable_rows(
                         id,
                         system.durability(),
-                        &config,
+                        config,
                         &peer_workloads,
                         &why,
                     )),
@@ -458,42 +525,22 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                 peers.push(info);
                 let system = MariaDbSystem::new(&config.mysql_url);
                 match reachable(&system).await {
-                    Ok(()) => run_system(&system, pid, &config, &peer_workloads, &mut rows).await,
+                    Ok(()) => run_system(&system, pid, config, &peer_workloads, rows).await,
                     Err(why) => rows.extend(unavailable_rows(
                         id,
                         system.durability(),
-                        &config,
+                        config,
                         &peer_workloads,
                         &why,
                     )),
                 }
             }
-            SystemId::Etcd => {
-                run_etcd(&config, &peer_workloads, &mut rows, &mut peers, &mut notes).await
-            }
+            SystemId::Etcd => run_etcd(config, &peer_workloads, rows, peers, notes).await,
             SystemId::HoldfastMemory | SystemId::HoldfastAsync | SystemId::HoldfastSync => {
-                run_holdfast(id, &config, &mut rows, &mut notes).await;
+                run_holdfast(id, config, rows, notes).await;
             }
         }
     }
-    let mut report = Report {
-        meta: Meta {
-            date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
-            nproc,
-            cpu_model,
-            command: config.command.clone(),
-            load_average: (load_at_start, crate::procfs::load_average()),
-            timing: config.timing,
-            holdfast_transport: config.holdfast_transport.describe().to_owned(),
-            peers,
-        },
-        rows,
-        targets: Vec::new(),
-        notes,
-    };
-    let w1_clients = config.w1_clients.iter().copied().max().unwrap_or(64);
-    report.check_targets(w1_clients, config.w2_clients, &config.w2_holds_ms);
-    Ok(report)
 }
 
 #[cfg(feature = "etcd")]
@@ -698,6 +745,7 @@ async fn run_holdfast_with<S: LockSystem>(
                     clients: config.w4_clients,
                     hold_ms: None,
                     error: outcome.as_ref().err().map(|err| format!("{err:#}")),
+                    round: None,
                     metrics: outcome.ok(),
                 });
             }
@@ -780,4 +828,153 @@ async fn active_locks(base_url: &str) -> anyhow::Result<u64> {
         .json()
         .await?;
     Ok(stats.active_locks)
+}
+
+/// The rows of the first round (every workload), with each W1 and W2 configuration replaced
+/// by its round with the median throughput (pairs/s, grants/s; the lower middle for an even
+/// count). A whole row is kept, so its figures stay those of one measurement.
+fn median_rows(by_round: Vec<Vec<Row>>) -> Vec<Row> {
+    let mut rounds = by_round.into_iter();
+    let Some(first) = rounds.next() else {
+        return Vec::new();
+    };
+    let later: Vec<Row> = rounds.flatten().collect();
+    first
+        .into_iter()
+        .map(|row| {
+            if !matches!(row.workload, Workload::W1 | Workload::W2) {
+                return row;
+            }
+            let mut measured: Vec<&Row> = std::iter::once(&row)
+                .chain(later.iter().filter(|r| {
+                    r.workload == row.workload
+                        && r.system == row.system
+                        && r.clients == row.clients
+                        && r.hold_ms == row.hold_ms
+                }))
+                .filter(|r| throughput(r).is_some())
+                .collect();
+            if measured.is_empty() {
+                // Failed in every round: the first round's error stands.
+                return row;
+            }
+            measured.sort_by(|a, b| {
+                throughput(a)
+                    .unwrap_or(0.0)
+                    .total_cmp(&throughput(b).unwrap_or(0.0))
+            });
+            measured[(measured.len() - 1) / 2].clone()
+        })
+        .collect()
+}
+
+/// W1's pairs/s or W2's grants/s, if the row has them.
+fn throughput(row: &Row) -> Option<f64> {
+    match row.metrics.as_ref()? {
+        Metrics::Uncontended(r) => Some(r.pairs_per_s),
+        Metrics::HotKey(r) => Some(r.grants_per_s),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::UncontendedResult;
+
+    /// A W1 row whose p50 carries its round, so a row mixed from two rounds would show.
+    fn w1(system: &str, clients: usize, pairs_per_s: f64, round: usize) -> Row {
+        Row {
+            workload: Workload::W1,
+            system: system.to_owned(),
+            durability: Durability::MemoryOnly,
+            clients,
+            hold_ms: None,
+            metrics: Some(Metrics::Uncontended(UncontendedResult {
+                clients,
+                pairs: 1,
+                pairs_per_s,
+                pair_p50_us: f64::from(u32::try_from(round).unwrap()),
+                pair_p99_us: 1.0,
+                pair_max_us: 1.0,
+                server_cpu_us_per_pair: None,
+                bench_cpu_us_per_pair: None,
+            })),
+            error: None,
+            round: Some(round),
+        }
+    }
+
+    fn failed(system: &str, clients: usize, round: usize) -> Row {
+        Row {
+            metrics: None,
+            error: Some("refused".to_owned()),
+            ..w1(system, clients, 0.0, round)
+        }
+    }
+
+    fn summary(rows: &[Row]) -> Vec<(String, usize, Option<usize>, f64)> {
+        rows.iter()
+            .map(|r| {
+                let p50 = match &r.metrics {
+                    Some(Metrics::Uncontended(m)) => m.pair_p50_us,
+                    _ => -1.0,
+                };
+                (r.system.clone(), r.clients, r.round, p50)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_configuration_keeps_its_median_round_whole_in_the_first_rounds_order() {
+        let rows = median_rows(vec![
+            vec![
+                w1("a", 1, 10.0, 1),
+                w1("a", 64, 300.0, 1),
+                w1("b", 1, 50.0, 1),
+            ],
+            vec![
+                w1("b", 1, 40.0, 2),
+                w1("a", 1, 30.0, 2),
+                w1("a", 64, 100.0, 2),
+            ],
+            vec![
+                w1("a", 1, 20.0, 3),
+                w1("a", 64, 200.0, 3),
+                w1("b", 1, 60.0, 3),
+            ],
+        ]);
+        assert_eq!(
+            summary(&rows),
+            vec![
+                ("a".to_owned(), 1, Some(3), 3.0),
+                ("a".to_owned(), 64, Some(3), 3.0),
+                ("b".to_owned(), 1, Some(1), 1.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_even_count_takes_the_lower_middle_and_failed_rounds_are_not_candidates() {
+        let rows = median_rows(vec![
+            vec![w1("a", 1, 10.0, 1), failed("b", 1, 1)],
+            vec![w1("a", 1, 40.0, 2), failed("b", 1, 2)],
+            vec![failed("a", 1, 3), w1("b", 1, 5.0, 3)],
+        ]);
+        // a: rounds 1 and 2 measured (10, 40): the lower middle is round 1. b measured only
+        // in round 3: that round.
+        assert_eq!(
+            summary(&rows),
+            vec![
+                ("a".to_owned(), 1, Some(1), 1.0),
+                ("b".to_owned(), 1, Some(3), 3.0),
+            ]
+        );
+        // Failed in every round: the first round's failure.
+        let none = median_rows(vec![vec![failed("a", 1, 1)], vec![failed("a", 1, 2)]]);
+        assert_eq!(summary(&none), vec![("a".to_owned(), 1, Some(1), -1.0)]);
+        // One round: the rows as they are.
+        let one = median_rows(vec![vec![w1("a", 1, 10.0, 1)]]);
+        assert_eq!(summary(&one), vec![("a".to_owned(), 1, Some(1), 1.0)]);
+    }
 }

@@ -26,6 +26,7 @@ pub fn smoke_config(base_url: &str, wire: Option<&str>) -> Config {
         w3_clients: 8,
         w4_locks: 0,
         w4_clients: 0,
+        rounds: 1,
         redis_url: String::new(),
         postgres_url: String::new(),
         mysql_url: String::new(),
