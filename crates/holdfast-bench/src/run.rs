@@ -407,15 +407,16 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             progress!("round {round} of {rounds} (W1, W2)");
         }
         let mut rows = Vec::new();
-        run_round(&this, &mut rows, &mut notes, &mut peers).await;
+        // The peers are looked up once; later rounds meet the same ones.
+        let mut again = Vec::new();
+        let round_peers = if round == 1 { &mut peers } else { &mut again };
+        run_round(&this, &mut rows, &mut notes, round_peers).await;
         for row in &mut rows {
-            row.round = (rounds > 1).then_some(round);
+            row.round = Some(round);
         }
         by_round.push(rows);
     }
-    // Each round met the same peers and made the same remarks.
-    let mut seen = std::collections::HashSet::new();
-    peers.retain(|p: &PeerInfo| seen.insert(p.system.clone()));
+    // Later rounds repeat the first round's remarks.
     let mut seen = std::collections::HashSet::new();
     notes.retain(|n| seen.insert(n.clone()));
     let rounds = by_round.len();
@@ -845,25 +846,21 @@ fn median_rows(by_round: Vec<Vec<Row>>) -> Vec<Row> {
             if !matches!(row.workload, Workload::W1 | Workload::W2) {
                 return row;
             }
-            let mut measured: Vec<&Row> = std::iter::once(&row)
+            let mut measured: Vec<(f64, &Row)> = std::iter::once(&row)
                 .chain(later.iter().filter(|r| {
                     r.workload == row.workload
                         && r.system == row.system
                         && r.clients == row.clients
                         && r.hold_ms == row.hold_ms
                 }))
-                .filter(|r| throughput(r).is_some())
+                .filter_map(|r| Some((throughput(r)?, r)))
                 .collect();
             if measured.is_empty() {
                 // Failed in every round: the first round's error stands.
                 return row;
             }
-            measured.sort_by(|a, b| {
-                throughput(a)
-                    .unwrap_or(0.0)
-                    .total_cmp(&throughput(b).unwrap_or(0.0))
-            });
-            measured[(measured.len() - 1) / 2].clone()
+            measured.sort_by(|a, b| a.0.total_cmp(&b.0));
+            measured[(measured.len() - 1) / 2].1.clone()
         })
         .collect()
 }

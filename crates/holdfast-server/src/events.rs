@@ -85,9 +85,6 @@ impl EventHub {
                 // A receiver that went away meanwhile is fine.
                 let _ = self.tx.send(Arc::new(event.clone()));
             }
-            if self.capacity == 0 {
-                continue;
-            }
             if ring.events.len() == self.capacity {
                 ring.events.pop_front();
             }
