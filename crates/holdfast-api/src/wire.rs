@@ -184,6 +184,19 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, op: Op, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// Fill in the length prefix and header of a request frame whose body was written in place:
+/// `frame` holds `LENGTH_BYTES + REQUEST_HEADER_BYTES` bytes of room, then the body. Lets a
+/// client serialize its body straight into the frame (no second buffer, no copy).
+///
+/// # Panics
+/// If `frame` is shorter than the length prefix and header.
+pub fn finish_request(frame: &mut [u8], id: u64, op: Op) {
+    let len = u32::try_from(frame.len() - LENGTH_BYTES).unwrap_or(u32::MAX);
+    frame[..LENGTH_BYTES].copy_from_slice(&len.to_be_bytes());
+    frame[LENGTH_BYTES..LENGTH_BYTES + 8].copy_from_slice(&id.to_be_bytes());
+    frame[LENGTH_BYTES + 8] = op as u8;
+}
+
 /// Append a response frame (length prefix included) to `out`.
 pub fn encode_response(out: &mut Vec<u8>, id: u64, status: u16, body: &[u8]) {
     let len = u32::try_from(RESPONSE_HEADER_BYTES + body.len()).unwrap_or(u32::MAX);
@@ -275,6 +288,17 @@ mod tests {
         assert_eq!(parts.id, 7);
         assert_eq!(Op::from_byte(parts.op), Some(Op::Renew));
         assert_eq!(parts.body, br#"{"lease_id":"x"}"#);
+    }
+
+    #[test]
+    fn a_request_finished_in_place_is_the_same_frame_as_an_encoded_one() {
+        let body = br#"{"lease_id":"x"}"#;
+        let mut encoded = Vec::new();
+        encode_request(&mut encoded, 0x0102_0304_0506_0708, Op::ReleaseLease, body);
+        let mut in_place = vec![0xff; LENGTH_BYTES + REQUEST_HEADER_BYTES];
+        in_place.extend_from_slice(body);
+        finish_request(&mut in_place, 0x0102_0304_0506_0708, Op::ReleaseLease);
+        assert_eq!(in_place, encoded);
     }
 
     #[test]

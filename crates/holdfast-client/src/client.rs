@@ -65,6 +65,10 @@ pub fn encode_key(key: &str) -> String {
     }
 }
 
+fn release_path(lease_id: &str) -> String {
+    format!("/v1/leases/{}", encode_query(lease_id))
+}
+
 /// Encode a query parameter value.
 fn encode_query(value: &str) -> String {
     utf8_percent_encode(value, SEGMENT).to_string()
@@ -531,15 +535,6 @@ impl Client {
     /// # Errors
     /// `LeaseNotFound` if it was already gone.
     pub async fn release(&self, lease_id: &str) -> Result<LeaseResponse, ClientError> {
-        self.release_as(lease_id).await
-    }
-
-    /// [`Client::release`], decoding the answer as `T` (a guard's release only needs to know
-    /// that it succeeded: `serde::de::IgnoredAny` skips building the lease it returns).
-    pub(crate) async fn release_as<T: DeserializeOwned>(
-        &self,
-        lease_id: &str,
-    ) -> Result<T, ClientError> {
         if let Some(w) = &self.inner.wire {
             let body = proto::LeaseRef {
                 lease_id: lease_id.to_owned(),
@@ -556,11 +551,37 @@ impl Client {
         }
         self.call(
             Method::DELETE,
-            &format!("/v1/leases/{}", encode_query(lease_id)),
+            &release_path(lease_id),
             None,
             Duration::ZERO,
         )
         .await
+    }
+
+    /// [`Client::release`] for a caller that only needs to know that it succeeded (a guard):
+    /// the lease in the answer is not decoded.
+    pub(crate) async fn release_quietly(&self, lease_id: &str) -> Result<(), ClientError> {
+        if let Some(w) = &self.inner.wire {
+            let body = proto::LeaseRef {
+                lease_id: lease_id.to_owned(),
+            };
+            return w
+                .call_unit(
+                    Op::ReleaseLease,
+                    &body,
+                    Undo::Nothing,
+                    self.timeout(Duration::ZERO),
+                )
+                .await;
+        }
+        self.call::<serde::de::IgnoredAny>(
+            Method::DELETE,
+            &release_path(lease_id),
+            None,
+            Duration::ZERO,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// `DELETE /v1/leases/{id}/locks/{key}`: release one lock (decrements a reentrant count).

@@ -424,10 +424,7 @@ async fn release_lease(
         }
         out
     } else {
-        client
-            .release_as::<serde::de::IgnoredAny>(lease_id)
-            .await
-            .map(|_| ())
+        client.release_quietly(lease_id).await
     };
     match result {
         Err(ClientError::LeaseNotFound { .. }) => Err(ClientError::Lost(LostReason::NotFound)),

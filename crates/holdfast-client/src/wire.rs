@@ -367,7 +367,42 @@ impl Wire {
         waits: bool,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        let json = serde_json::to_vec(body).map_err(|e| ClientError::Invalid {
+        let answer = self.call_raw(op, body, undo, waits, timeout).await?;
+        serde_json::from_slice(answer.body()).map_err(|e| ClientError::Server {
+            status: answer.status,
+            code: None,
+            message: format!("unreadable answer from holdfast-wire://{}: {e}", self.addr),
+        })
+    }
+
+    /// [`Wire::call`] for a caller that needs only to know that the request succeeded: the
+    /// answer's body is not parsed.
+    pub(crate) async fn call_unit<B: Serialize>(
+        &self,
+        op: Op,
+        body: &B,
+        undo: Undo,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        self.call_raw(op, body, undo, false, timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// Send one request and wait for its answer; an answer other than 200 is the error it
+    /// carries.
+    async fn call_raw<B: Serialize>(
+        &self,
+        op: Op,
+        body: &B,
+        undo: Undo,
+        waits: bool,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
+        // The body is serialized straight into the frame, after room for its header.
+        let mut frame = Vec::with_capacity(256);
+        frame.resize(wire::LENGTH_BYTES + wire::REQUEST_HEADER_BYTES, 0);
+        serde_json::to_writer(&mut frame, body).map_err(|e| ClientError::Invalid {
             field: None,
             message: e.to_string(),
         })?;
@@ -387,9 +422,7 @@ impl Wire {
             cancel: waits,
             armed: true,
         };
-        let mut frame =
-            Vec::with_capacity(wire::LENGTH_BYTES + wire::REQUEST_HEADER_BYTES + json.len());
-        wire::encode_request(&mut frame, id, op, &json);
+        wire::finish_request(&mut frame, id, op);
         conn.write(&frame).await?;
         let answer = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(answer)) => answer,
@@ -409,11 +442,7 @@ impl Wire {
         if answer.status != 200 {
             return Err(error_answer(answer.status, answer.body()));
         }
-        serde_json::from_slice(answer.body()).map_err(|e| ClientError::Server {
-            status: answer.status,
-            code: None,
-            message: format!("unreadable answer from holdfast-wire://{}: {e}", self.addr),
-        })
+        Ok(answer)
     }
 }
 

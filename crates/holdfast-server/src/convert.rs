@@ -40,10 +40,10 @@ pub fn holder_info(h: &HolderSummary, lease_id: Option<LeaseId>) -> HolderInfo {
 
 /// One held lock on the wire.
 #[must_use]
-pub fn held_lock(l: &HeldLockView) -> HeldLock {
+pub fn held_lock(l: HeldLockView) -> HeldLock {
     let (mode, limit, permits) = mode_of(&l.kind);
     HeldLock {
-        key: l.key.clone(),
+        key: l.key,
         mode,
         limit,
         permits,
@@ -53,20 +53,20 @@ pub fn held_lock(l: &HeldLockView) -> HeldLock {
     }
 }
 
-/// A lease for its owner.
+/// A lease for its owner (takes the view: its strings move into the answer).
 #[must_use]
-pub fn lease_response(v: &LeaseView, now_ms: u64) -> LeaseResponse {
+pub fn lease_response(v: LeaseView, now_ms: u64) -> LeaseResponse {
     LeaseResponse {
         lease_id: v.lease_id.to_string(),
-        holder: v.holder.clone(),
+        holder: v.holder,
         ttl_ms: v.ttl_ms,
         expires_at_ms: v.expires_at_ms,
         remaining_ms: v.expires_at_ms.saturating_sub(now_ms),
-        reason: v.reason.clone(),
+        reason: v.reason,
         metadata: v.metadata.as_deref().and_then(|m| {
             serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(m).ok()
         }),
-        locks: v.locks.iter().map(held_lock).collect(),
+        locks: v.locks.into_iter().map(held_lock).collect(),
     }
 }
 

@@ -457,5 +457,9 @@ fn decode_required<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, ApiError> {
-    serde_json::to_vec(value).map_err(|e| ApiError::internal(format!("cannot encode answer: {e}")))
+    // A lease answer with one lock is ~250 bytes: one allocation instead of doubling from 128.
+    let mut out = Vec::with_capacity(512);
+    serde_json::to_writer(&mut out, value)
+        .map_err(|e| ApiError::internal(format!("cannot encode answer: {e}")))?;
+    Ok(out)
 }

@@ -76,7 +76,7 @@ pub async fn create_lease_op(
             reply,
         })
         .await?;
-    Ok(lease_response(&grant.lease, state.engine.clock.now_ms()))
+    Ok(lease_response(grant.lease, state.engine.clock.now_ms()))
 }
 
 /// Read a lease (its creator or an admin; anyone else gets `404 lease_not_found`).
@@ -112,7 +112,7 @@ pub async fn get_lease_op(
             reply,
         })
         .await?;
-    Ok(lease_response(&lease, state.engine.clock.now_ms()))
+    Ok(lease_response(lease, state.engine.clock.now_ms()))
 }
 
 /// Add locks to an existing lease (incremental acquisition; refused with `deadlock` if waiting
@@ -166,7 +166,7 @@ pub async fn add_locks_op(
             reply,
         })
         .await?;
-    Ok(lease_response(&grant.lease, state.engine.clock.now_ms()))
+    Ok(lease_response(grant.lease, state.engine.clock.now_ms()))
 }
 
 /// Renew a lease and all its locks to `now + ttl_ms` (default: its current TTL). An empty body
@@ -210,7 +210,7 @@ pub async fn renew_op(
             reply,
         })
         .await?;
-    Ok(lease_response(&lease, state.engine.clock.now_ms()))
+    Ok(lease_response(lease, state.engine.clock.now_ms()))
 }
 
 /// Release a lease and all its locks; answers the lease as it was.
@@ -247,7 +247,7 @@ pub async fn release_lease_op(
             reply,
         })
         .await?;
-    Ok(lease_response(&lease, state.engine.clock.now_ms()))
+    Ok(lease_response(lease, state.engine.clock.now_ms()))
 }
 
 /// Release one lock of a lease (decrements a reentrant count; frees the key at zero). The key
@@ -293,5 +293,5 @@ pub async fn release_lock_op(
             reply,
         })
         .await?;
-    Ok(lease_response(&lease, state.engine.clock.now_ms()))
+    Ok(lease_response(lease, state.engine.clock.now_ms()))
 }
