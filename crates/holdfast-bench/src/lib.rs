@@ -12,6 +12,8 @@
 //! - [`run`]: a whole run (which systems, which workloads, starting holdfast servers, W4).
 //! - [`report`]: rows, markdown tables, target checks, JSON.
 //! - [`smoke`]: the short holdfast-only run that CI executes.
+//! - [`floor`]: the loopback round trip between two threads, measured in the run: the floor
+//!   under any handoff between two client processes.
 //!
 //! The peers are started by `scripts/bench-peers.sh`, each a private instance on a loopback
 //! port with its data in a temporary directory. holdfast servers are started by the benchmark
@@ -22,6 +24,7 @@
 
 pub mod adapter;
 pub mod adapters;
+pub mod floor;
 pub mod procfs;
 pub mod report;
 pub mod run;

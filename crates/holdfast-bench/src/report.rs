@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::adapter::Durability;
+use crate::floor::LoopbackFloor;
 use crate::workload::{HoldManyResult, HotKeyResult, Timing, UncontendedResult};
 
 /// The four workloads.
@@ -142,6 +143,9 @@ pub struct Report {
     /// With several rounds, every round's W1/W2 rows (and the first round's W3/W4).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub round_rows: Vec<Row>,
+    /// The loopback round trip measured in this run (with W2): the floor under any handoff.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loopback: Option<LoopbackFloor>,
     /// Targets, checked.
     pub targets: Vec<TargetCheck>,
     /// Remarks made during the run (fallbacks, skipped systems).
@@ -261,6 +265,19 @@ impl Report {
                     bound: "≤ 0.1×".to_owned(),
                     met: vs_redis.map(|r| r <= 0.1),
                 });
+                if let (Some(floor), Some(p99)) = (&self.loopback, redis_p99) {
+                    let bound_us = p99 / 10.0;
+                    let note = format!(
+                        "W2 hold {hold_ms} ms: the ≤ 0.1× Redis bound on the handoff p99 is {} µs, \
+                         below this run's loopback round trip between two threads (p50 {} µs): \
+                         a handoff between client processes cannot meet it on this machine",
+                        num(bound_us),
+                        num(floor.p50_us)
+                    );
+                    if bound_us < floor.p50_us && !self.notes.contains(&note) {
+                        self.notes.push(note);
+                    }
+                }
                 checks.push(TargetCheck {
                     target: format!("W2 hold {hold_ms} ms: {system} fairness max/min grants"),
                     measured: mine.fairness_max_over_min,
@@ -387,6 +404,18 @@ impl Report {
                 _ => String::new(),
             },
         );
+        if let Some(floor) = &self.loopback {
+            let _ = writeln!(
+                out,
+                "Loopback floor: one {}-byte round trip between two threads over loopback TCP \
+                 (no runtime, no parsing; {} round trips): p50 {} µs, p99 {} µs. A handoff \
+                 between two clients is at least one such round trip.\n",
+                floor.message_bytes,
+                floor.round_trips,
+                num(floor.p50_us),
+                num(floor.p99_us)
+            );
+        }
         self.table(
             &mut out,
             Workload::W3,
@@ -500,5 +529,109 @@ impl Report {
             let _ = writeln!(out, "{line}");
         }
         out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn hot_key_row(system: &str, gap_p99_us: f64) -> Row {
+        Row {
+            workload: Workload::W2,
+            system: system.to_owned(),
+            durability: Durability::MemoryOnly,
+            clients: 16,
+            hold_ms: Some(0),
+            metrics: Some(Metrics::HotKey(HotKeyResult {
+                clients: 16,
+                hold_ms: 0,
+                hold_mean_us: 0.0,
+                grants: 1_000,
+                grants_per_s: 10_000.0,
+                gap_p50_us: gap_p99_us / 2.0,
+                gap_p99_us,
+                gap_max_us: gap_p99_us * 2.0,
+                gap_after_release_done_p50_us: 0.0,
+                gap_after_release_done_p99_us: 0.0,
+                grants_min: 60,
+                grants_max: 65,
+                fairness_max_over_min: Some(65.0 / 60.0),
+                wait_timeouts: 0,
+                overlaps: 0,
+            })),
+            error: None,
+            round: None,
+        }
+    }
+
+    fn report(loopback: Option<LoopbackFloor>) -> Report {
+        Report {
+            meta: Meta {
+                date: "2026-12-06 08:00 UTC".to_owned(),
+                nproc: 2,
+                cpu_model: "test".to_owned(),
+                command: "holdfast-bench".to_owned(),
+                load_average: (None, None),
+                timing: Timing {
+                    warmup: Duration::from_secs(1),
+                    duration: Duration::from_secs(3),
+                },
+                holdfast_transport: "wire".to_owned(),
+                rounds: 1,
+                peers: Vec::new(),
+            },
+            rows: vec![
+                hot_key_row("redis", 200.0),
+                hot_key_row("holdfast-memory", 150.0),
+            ],
+            round_rows: Vec::new(),
+            loopback,
+            targets: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn floor(p50_us: f64) -> LoopbackFloor {
+        LoopbackFloor {
+            round_trips: 10_000,
+            message_bytes: 64,
+            p50_us,
+            p99_us: p50_us * 3.0,
+        }
+    }
+
+    #[test]
+    fn a_handoff_bound_below_the_loopback_floor_is_named_in_the_notes_and_the_floor_is_shown() {
+        let mut r = report(Some(floor(40.0)));
+        r.check_targets(64, 16, &[0]);
+        let vs_redis = r
+            .targets
+            .iter()
+            .find(|t| t.target == "W2 hold 0 ms: holdfast-memory / redis handoff p99")
+            .unwrap();
+        assert_eq!(vs_redis.met, Some(false));
+        assert_eq!(r.notes.len(), 1, "{:?}", r.notes);
+        assert!(r.notes[0].contains("is 20.0 µs"), "{}", r.notes[0]);
+        assert!(r.notes[0].contains("p50 40.0 µs"), "{}", r.notes[0]);
+        // Checking again does not repeat the note.
+        r.check_targets(64, 16, &[0]);
+        assert_eq!(r.notes.len(), 1);
+        let markdown = r.to_markdown();
+        assert!(markdown.contains("Loopback floor"), "{markdown}");
+        assert!(markdown.contains("p50 40.0 µs, p99 120 µs"), "{markdown}");
+    }
+
+    #[test]
+    fn no_note_when_the_bound_is_above_the_floor_or_the_floor_was_not_measured() {
+        let mut r = report(Some(floor(15.0)));
+        r.check_targets(64, 16, &[0]);
+        assert!(r.notes.is_empty(), "{:?}", r.notes);
+        let mut r = report(None);
+        r.check_targets(64, 16, &[0]);
+        assert!(r.notes.is_empty(), "{:?}", r.notes);
+        assert!(!r.to_markdown().contains("Loopback floor"));
     }
 }

@@ -395,6 +395,27 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let mut notes = config.notes.clone();
     let mut peers = Vec::new();
     let rounds = config.rounds.max(1);
+    let loopback = if config.workloads.contains(&Workload::W2) {
+        progress!("loopback floor (round trips between two threads)");
+        let timing = config.timing;
+        match tokio::task::spawn_blocking(move || {
+            crate::floor::measure(timing.warmup, timing.duration)
+        })
+        .await
+        {
+            Ok(Ok(floor)) => Some(floor),
+            Ok(Err(e)) => {
+                notes.push(format!("loopback floor not measured: {e:#}"));
+                None
+            }
+            Err(e) => {
+                notes.push(format!("loopback floor not measured: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut by_round: Vec<Vec<Row>> = Vec::new();
     for round in 1..=rounds {
         let mut this = config.clone();
@@ -445,6 +466,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         },
         rows,
         round_rows,
+        loopback,
         targets: Vec::new(),
         notes,
     };

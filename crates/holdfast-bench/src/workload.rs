@@ -39,18 +39,18 @@ fn ser_secs<S: serde::Serializer>(value: &Duration, serializer: S) -> Result<S::
     serializer.serialize_f64(value.as_secs_f64())
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // Bounds are constants within hdrhistogram's rules: 1 ns ..= 120 s, 3 significant digits.
     Histogram::new_with_bounds(1, HISTOGRAM_MAX_NS, 3).unwrap_or_else(|_| unreachable!())
 }
 
-fn record(hist: &mut Histogram<u64>, value: Duration) {
+pub(crate) fn record(hist: &mut Histogram<u64>, value: Duration) {
     let ns = u64::try_from(value.as_nanos()).unwrap_or(u64::MAX);
     hist.saturating_record(ns.clamp(1, HISTOGRAM_MAX_NS));
 }
 
 #[allow(clippy::cast_precision_loss)] // nanoseconds well below 2^52
-fn quantile_us(hist: &Histogram<u64>, quantile: f64) -> f64 {
+pub(crate) fn quantile_us(hist: &Histogram<u64>, quantile: f64) -> f64 {
     if hist.is_empty() {
         return 0.0;
     }
