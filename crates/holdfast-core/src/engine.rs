@@ -51,6 +51,9 @@ pub(crate) enum GrantTarget {
     Lease(LeaseId),
 }
 
+/// `discard_changes` keeps the dirty-lease set's buffer up to this capacity.
+const DIRTY_LEASES_KEPT_CAPACITY: usize = 64;
+
 /// Durable records touched since the last `take_changes`.
 #[derive(Debug, Default)]
 pub(crate) struct Dirty {
@@ -380,16 +383,34 @@ impl Engine {
         std::mem::take(&mut self.events)
     }
 
+    /// The events since the last call, drained in place: unlike [`Engine::take_events`], the
+    /// buffer keeps its capacity, so a host that publishes them at once allocates nothing.
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
+        self.events.drain(..)
+    }
+
     /// Forget the durable changes since the last call without building their records, for a
     /// host that persists nothing (building a [`ChangeSet`] copies every touched lease). Calls
     /// `touched` once per lease changed since the last call, with its owner (`Some(owner)`) if
     /// it lives, `None` if it is gone.
     pub fn discard_changes(&mut self, mut touched: impl FnMut(LeaseId, Option<Option<&str>>)) {
-        let dirty = std::mem::take(&mut self.dirty);
+        // Emptied in place rather than replaced, so that the lease set keeps its capacity (a
+        // fresh set allocated again for every command); unless a burst made it large, since
+        // emptying walks every bucket.
         self.dirty.fencing_taken = self.fencing_next;
         self.dirty.seq_taken = self.event_seq_next;
-        for id in dirty.leases {
+        if !self.dirty.idempotency.is_empty() {
+            self.dirty.idempotency = HashSet::new();
+        }
+        if !self.dirty.lock_delays.is_empty() {
+            self.dirty.lock_delays = HashSet::new();
+        }
+        let mut leases = std::mem::take(&mut self.dirty.leases);
+        for id in leases.drain() {
             touched(id, self.leases.get(&id).map(Lease::owner));
+        }
+        if leases.capacity() <= DIRTY_LEASES_KEPT_CAPACITY {
+            self.dirty.leases = leases;
         }
     }
 

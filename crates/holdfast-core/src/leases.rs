@@ -110,7 +110,8 @@ impl HeldLock {
 
     pub fn view(&self) -> HeldLockView {
         HeldLockView {
-            key: self.key.to_string(),
+            // Not `to_string()`: through `Display` it would go by the formatter.
+            key: String::from(&*self.key),
             kind: self.kind(),
             fencing_token: self.fencing_token,
             count: self.count,

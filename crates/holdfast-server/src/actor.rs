@@ -1176,9 +1176,9 @@ impl Host {
                     .discard_changes(|id, state| track_owner(owners, counts, id, state));
                 ChangeSet::default()
             };
-            let events = self.engine.take_events();
-            self.log_events(&events);
             if self.store.is_some() {
+                let events = self.engine.take_events();
+                log_events(&mut self.latencies, &events);
                 // Replies and events go out once the batch is durable: with the syncer thread,
                 // after this returns; a failed delivery then comes back as an undo command.
                 self.track_owners(&changes);
@@ -1190,7 +1190,7 @@ impl Host {
                 let batch = std::mem::take(&mut deliveries);
                 let started = Instant::now();
                 let then = Box::new(move || {
-                    hub.publish(events);
+                    hub.publish(events.into_iter());
                     deliver_later(batch, &undo);
                 });
                 match store.commit(&changes, then) {
@@ -1213,7 +1213,12 @@ impl Host {
                     }
                 }
             }
-            self.hub.publish(events);
+            {
+                // Drained in place: the engine's event buffer keeps its capacity.
+                let events = self.engine.drain_events();
+                log_events(&mut self.latencies, events.as_slice());
+                self.hub.publish(events);
+            }
             if deliveries.is_empty() {
                 return true;
             }
@@ -1233,27 +1238,6 @@ impl Host {
             }
             if !undone {
                 return true;
-            }
-        }
-    }
-
-    /// Latency statistics and log lines for a batch's events.
-    fn log_events(&mut self, events: &[holdfast_core::Event]) {
-        for e in events {
-            self.latencies.record(e);
-            match &e.kind {
-                holdfast_core::EventKind::Expired => tracing::info!(
-                    key = e.key.as_deref().unwrap_or(""),
-                    holder = %e.holder,
-                    fencing_token = e.fencing_token,
-                    "lease expired: lock lost"
-                ),
-                holdfast_core::EventKind::Deadlock => tracing::info!(
-                    key = e.key.as_deref().unwrap_or(""),
-                    holder = %e.holder,
-                    "deadlock: request refused (requester is the victim)"
-                ),
-                _ => {}
             }
         }
     }
@@ -1333,6 +1317,27 @@ fn track_owner(
                     owner_counts.remove(&o);
                 }
             }
+        }
+    }
+}
+
+/// Latency statistics and log lines for a batch's events.
+fn log_events(latencies: &mut Latencies, events: &[holdfast_core::Event]) {
+    for e in events {
+        latencies.record(e);
+        match &e.kind {
+            holdfast_core::EventKind::Expired => tracing::info!(
+                key = e.key.as_deref().unwrap_or(""),
+                holder = %e.holder,
+                fencing_token = e.fencing_token,
+                "lease expired: lock lost"
+            ),
+            holdfast_core::EventKind::Deadlock => tracing::info!(
+                key = e.key.as_deref().unwrap_or(""),
+                holder = %e.holder,
+                "deadlock: request refused (requester is the victim)"
+            ),
+            _ => {}
         }
     }
 }

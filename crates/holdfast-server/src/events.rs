@@ -71,8 +71,8 @@ impl EventHub {
     }
 
     /// Publish events (in sequence order).
-    pub fn publish(&self, events: Vec<Event>) {
-        if events.is_empty() {
+    pub fn publish(&self, events: impl ExactSizeIterator<Item = Event>) {
+        if events.len() == 0 {
             return;
         }
         let mut ring = self.ring();
@@ -145,7 +145,7 @@ mod tests {
     #[test]
     fn resume_from_buffer_and_report_missed() {
         let hub = EventHub::new(3, 1);
-        hub.publish((1..=5).map(ev).collect());
+        hub.publish((1..=5).map(ev).collect::<Vec<_>>().into_iter());
         let s = hub.subscribe(Some(3));
         assert_eq!(
             s.backlog.iter().map(|e| e.seq).collect::<Vec<_>>(),
@@ -162,7 +162,7 @@ mod tests {
         );
         assert_eq!(s.backlog.len(), 3);
         let mut s = hub.subscribe(None);
-        hub.publish(vec![ev(6)]);
+        hub.publish(std::iter::once(ev(6)));
         assert_eq!(s.live.try_recv().unwrap().seq, 6);
     }
 }

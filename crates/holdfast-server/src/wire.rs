@@ -213,7 +213,9 @@ impl Connection {
     }
 
     fn encode(&mut self, (id, result): Answer) {
-        self.waiting.remove(&id);
+        if !self.waiting.is_empty() {
+            self.waiting.remove(&id);
+        }
         match result {
             Ok(body) => {
                 wire::encode_response(&mut self.output, id, 200, &body);
