@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use holdfast_client::{Client, ClientError};
+use holdfast_client::{Client, ClientError, LostReason};
 use holdfast_server::{RunningServer, ServerConfig};
 
 async fn start(config: ServerConfig) -> (RunningServer, Client) {
@@ -100,6 +100,17 @@ async fn guards_work_over_the_wire_like_over_http() {
         Err(ClientError::Invalid { .. })
     ));
     g2.release().await.unwrap();
+    // A guard's release does not read the answer's body, only its status: a lease that is
+    // gone still shows as lost.
+    let g3 = client.lock("w/b").acquire().await.unwrap();
+    client
+        .force_release_lease(g3.lease_id(), "maintenance")
+        .await
+        .unwrap();
+    assert!(matches!(
+        g3.release().await,
+        Err(ClientError::Lost(LostReason::NotFound))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
