@@ -62,7 +62,8 @@ pub enum Op {
     GetLease = 0x12,
     /// [`Renew`] → [`crate::LeaseResponse`] (`POST /v1/leases/{id}/renew`).
     Renew = 0x13,
-    /// [`LeaseRef`] → [`crate::LeaseResponse`] (`DELETE /v1/leases/{id}`).
+    /// [`ReleaseLease`] → [`crate::LeaseResponse`], or `{}` when `quiet`
+    /// (`DELETE /v1/leases/{id}`).
     ReleaseLease = 0x14,
     /// [`ReleaseLock`] → [`crate::LeaseResponse`] (`DELETE /v1/leases/{id}/locks/{key}`).
     ReleaseLock = 0x15,
@@ -123,6 +124,27 @@ pub struct HelloOk {
     pub protocol: u32,
     /// `holdfast x.y.z`.
     pub server: String,
+    /// Optional request fields this server accepts (see [`FEATURE_QUIET_RELEASE`]). A client
+    /// sends such a field only to a server that lists it; a server that predates the list
+    /// sends none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+}
+
+/// [`ReleaseLease::quiet`] is understood: a quiet release is answered `{}`.
+pub const FEATURE_QUIET_RELEASE: &str = "quiet_release";
+
+/// Body of [`Op::ReleaseLease`].
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseLease {
+    /// The lease (32 hex digits).
+    pub lease_id: String,
+    /// Answer `{}` instead of the released lease (a guard only needs to know that the release
+    /// succeeded; building and sending the lease was most of the request's cost). Only for
+    /// servers whose [`HelloOk::features`] list [`FEATURE_QUIET_RELEASE`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quiet: bool,
 }
 
 /// Body of [`Op::Cancel`].
@@ -133,7 +155,7 @@ pub struct Cancel {
     pub id: u64,
 }
 
-/// Body of [`Op::GetLease`] and [`Op::ReleaseLease`].
+/// Body of [`Op::GetLease`].
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseRef {

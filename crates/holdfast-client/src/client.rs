@@ -536,8 +536,9 @@ impl Client {
     /// `LeaseNotFound` if it was already gone.
     pub async fn release(&self, lease_id: &str) -> Result<LeaseResponse, ClientError> {
         if let Some(w) = &self.inner.wire {
-            let body = proto::LeaseRef {
+            let body = proto::ReleaseLease {
                 lease_id: lease_id.to_owned(),
+                quiet: false,
             };
             return w
                 .call(
@@ -562,16 +563,8 @@ impl Client {
     /// the lease in the answer is not decoded.
     pub(crate) async fn release_quietly(&self, lease_id: &str) -> Result<(), ClientError> {
         if let Some(w) = &self.inner.wire {
-            let body = proto::LeaseRef {
-                lease_id: lease_id.to_owned(),
-            };
             return w
-                .call_unit(
-                    Op::ReleaseLease,
-                    &body,
-                    Undo::Nothing,
-                    self.timeout(Duration::ZERO),
-                )
+                .release_quietly(lease_id, self.timeout(Duration::ZERO))
                 .await;
         }
         self.call::<serde::de::IgnoredAny>(

@@ -67,6 +67,8 @@ struct Conn {
     table: Mutex<Table>,
     next_id: AtomicU64,
     addr: String,
+    /// The server said at hello that it answers a quiet release with `{}`.
+    quiet_release: bool,
 }
 
 impl Conn {
@@ -135,8 +137,9 @@ impl Conn {
             Undo::Nothing => {}
             Undo::Lease => {
                 if let Ok(lease) = serde_json::from_slice::<LeaseResponse>(body)
-                    && let Ok(json) = serde_json::to_vec(&wire::LeaseRef {
+                    && let Ok(json) = serde_json::to_vec(&wire::ReleaseLease {
                         lease_id: lease.lease_id,
+                        quiet: self.quiet_release,
                     })
                 {
                     tracing::debug!("releasing the lease of an abandoned acquisition");
@@ -343,9 +346,14 @@ impl Wire {
             if parts.status != 200 {
                 return Err(error_answer(parts.status, parts.body));
             }
-            Ok(())
+            let hello_ok = serde_json::from_slice::<wire::HelloOk>(parts.body)
+                .map_err(|e| self.unreachable(format!("unreadable answer to hello: {e}")))?;
+            Ok(hello_ok
+                .features
+                .iter()
+                .any(|f| f == wire::FEATURE_QUIET_RELEASE))
         };
-        tokio::time::timeout(self.connect_timeout, handshake)
+        let quiet_release = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| self.unreachable("no answer to hello in time"))??;
         let conn = Arc::new(Conn {
@@ -353,6 +361,7 @@ impl Wire {
             table: Mutex::new(Table::default()),
             next_id: AtomicU64::new(1),
             addr: self.addr.clone(),
+            quiet_release,
         });
         tokio::spawn(read_answers(Arc::clone(&conn), read));
         Ok(conn)
@@ -375,24 +384,49 @@ impl Wire {
         })
     }
 
-    /// [`Wire::call`] for a caller that needs only to know that the request succeeded: the
-    /// answer's body is not parsed.
-    pub(crate) async fn call_unit<B: Serialize>(
+    /// Release a lease when only success matters (a guard): quietly where the server allows
+    /// it (it then answers `{}` instead of the lease); the answer's body is not parsed either
+    /// way.
+    pub(crate) async fn release_quietly(
         &self,
-        op: Op,
-        body: &B,
-        undo: Undo,
+        lease_id: &str,
         timeout: Duration,
     ) -> Result<(), ClientError> {
-        self.call_raw(op, body, undo, false, timeout)
-            .await
-            .map(|_| ())
+        let conn = self.connection().await?;
+        let body = wire::ReleaseLease {
+            lease_id: lease_id.to_owned(),
+            quiet: conn.quiet_release,
+        };
+        self.call_on(
+            &conn,
+            Op::ReleaseLease,
+            &body,
+            Undo::Nothing,
+            false,
+            timeout,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Send one request and wait for its answer; an answer other than 200 is the error it
     /// carries.
     async fn call_raw<B: Serialize>(
         &self,
+        op: Op,
+        body: &B,
+        undo: Undo,
+        waits: bool,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
+        let conn = self.connection().await?;
+        self.call_on(&conn, op, body, undo, waits, timeout).await
+    }
+
+    /// [`Wire::call_raw`] on a connection already in hand.
+    async fn call_on<B: Serialize>(
+        &self,
+        conn: &Arc<Conn>,
         op: Op,
         body: &B,
         undo: Undo,
@@ -406,7 +440,6 @@ impl Wire {
             field: None,
             message: e.to_string(),
         })?;
-        let conn = self.connection().await?;
         let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -417,7 +450,7 @@ impl Wire {
             t.waiters.insert(id, Waiter::Caller(tx, undo));
         }
         let mut guard = OrphanOnDrop {
-            conn: &conn,
+            conn,
             id,
             cancel: waits,
             armed: true,
@@ -450,4 +483,63 @@ fn error_answer(status: u16, body: &[u8]) -> ClientError {
     let raw = String::from_utf8_lossy(body);
     let parsed = serde_json::from_slice::<ErrorBody>(body).ok();
     ClientError::from_response(status, parsed, &raw, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A one-connection server: answers hello with `features`, then answers every request
+    /// `200 {}` and hands its (op, body) to the test.
+    async fn fake_server(
+        features: Vec<String>,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<(u8, Value)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            while let Ok(payload) = read_frame(&mut stream).await {
+                let request = wire::parse_request(&payload).unwrap();
+                let answer = if request.op == Op::Hello as u8 {
+                    serde_json::to_vec(&wire::HelloOk {
+                        protocol: wire::PROTOCOL_VERSION,
+                        server: "fake".to_owned(),
+                        features: features.clone(),
+                    })
+                    .unwrap()
+                } else {
+                    let body = serde_json::from_slice(request.body).unwrap();
+                    let _ = tx.send((request.op, body));
+                    b"{}".to_vec()
+                };
+                let mut out = Vec::new();
+                wire::encode_response(&mut out, request.id, 200, &answer);
+                stream.write_all(&out).await.unwrap();
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn a_release_is_quiet_only_for_a_server_that_offers_it() {
+        let id = "0123456789abcdef0123456789abcdef";
+        for (features, expected) in [
+            (vec![], json!({"lease_id": id})),
+            (
+                vec![wire::FEATURE_QUIET_RELEASE.to_owned()],
+                json!({"lease_id": id, "quiet": true}),
+            ),
+        ] {
+            let (addr, mut requests) = fake_server(features).await;
+            let w = Wire::new(addr, None, Duration::from_secs(5));
+            w.release_quietly(id, Duration::from_secs(5)).await.unwrap();
+            let (op, body) = requests.recv().await.unwrap();
+            assert_eq!(op, Op::ReleaseLease as u8);
+            assert_eq!(body, expected);
+        }
+    }
 }

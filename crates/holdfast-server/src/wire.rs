@@ -407,9 +407,14 @@ impl Connection {
                 (Box::pin(fut), false)
             }
             Op::ReleaseLease => {
-                let req: wire::LeaseRef = decode_required(body)?;
+                let req: wire::ReleaseLease = decode_required(body)?;
                 let fut = async move {
-                    json(&leases::release_lease_op(&state, &principal, &req.lease_id).await?)
+                    if req.quiet {
+                        leases::release_lease_quiet_op(&state, &principal, &req.lease_id).await?;
+                        Ok(b"{}".to_vec())
+                    } else {
+                        json(&leases::release_lease_op(&state, &principal, &req.lease_id).await?)
+                    }
                 };
                 (Box::pin(fut), false)
             }
@@ -447,6 +452,7 @@ impl Connection {
         json(&wire::HelloOk {
             protocol: wire::PROTOCOL_VERSION,
             server: format!("holdfast {}", env!("CARGO_PKG_VERSION")),
+            features: vec![wire::FEATURE_QUIET_RELEASE.to_owned()],
         })
     }
 }

@@ -3,7 +3,7 @@
 use axum::Json;
 use holdfast_api::{AddLocksRequest, CreateLeaseRequest, ErrorBody, LeaseResponse, RenewRequest};
 use holdfast_core::limits::LEASE_TTL_MS_DEFAULT;
-use holdfast_core::{AcquireRequest, LeaseTarget, LockSpec, NewLease};
+use holdfast_core::{AcquireRequest, LeaseTarget, LeaseView, LockSpec, NewLease};
 
 use super::{ApiJson, ApiPath, AppState, OptionalJson, Shared, new_lease_id, parse_lease_id};
 use crate::actor::Command;
@@ -236,18 +236,36 @@ pub async fn release_lease_op(
     principal: &Principal,
     id: &str,
 ) -> Result<LeaseResponse, ApiError> {
+    let lease = release_lease_view(state, principal, id).await?;
+    Ok(lease_response(lease, state.engine.clock.now_ms()))
+}
+
+/// `release_lease_op` for a caller that does not want the released lease back (a quiet
+/// release over the wire): the answer is not built.
+pub async fn release_lease_quiet_op(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<(), ApiError> {
+    release_lease_view(state, principal, id).await.map(|_| ())
+}
+
+async fn release_lease_view(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<LeaseView, ApiError> {
     principal.check_write()?;
     let lease_id = parse_lease_id(id)?;
     let owner_check = principal.owner_filter();
-    let lease = state
+    state
         .engine
         .call(|reply| Command::ReleaseLease {
             lease_id,
             owner_check,
             reply,
         })
-        .await?;
-    Ok(lease_response(lease, state.engine.clock.now_ms()))
+        .await
 }
 
 /// Release one lock of a lease (decrements a reentrant count; frees the key at zero). The key

@@ -183,6 +183,67 @@ async fn a_lease_lives_its_whole_life_over_the_wire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_release_answers_an_empty_object_and_is_offered_at_hello() {
+    let s = TestServer::memory().await;
+    let mut c = Raw::connect(&s).await;
+    let a = c.call(0, Op::Hello, json!({"protocol": 1})).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["features"], json!([wire::FEATURE_QUIET_RELEASE]));
+
+    let a = c
+        .call(1, Op::CreateLease, create("alice", "quiet/a", 0))
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let lease = a.body["lease_id"].as_str().unwrap().to_owned();
+    let a = c
+        .call(
+            2,
+            Op::ReleaseLease,
+            json!({"lease_id": lease, "quiet": true}),
+        )
+        .await;
+    assert_eq!((a.status, &a.body), (200, &json!({})), "{a:?}");
+    assert_eq!(s.holders("quiet/a").await, 0);
+    let a = c.call(3, Op::GetLease, json!({"lease_id": lease})).await;
+    assert_code(&a, 404, "lease_not_found");
+
+    // Errors are the same as a loud release's.
+    let a = c
+        .call(
+            4,
+            Op::ReleaseLease,
+            json!({"lease_id": lease, "quiet": true}),
+        )
+        .await;
+    assert_code(&a, 404, "lease_not_found");
+    let a = c
+        .call(
+            5,
+            Op::ReleaseLease,
+            json!({"lease_id": lease, "quiet": "yes"}),
+        )
+        .await;
+    assert_code(&a, 400, "invalid_request");
+    assert_eq!(a.body["field"], "quiet", "{a:?}");
+    // `quiet: false` is a loud release: the lease comes back.
+    let a = c
+        .call(6, Op::CreateLease, create("alice", "quiet/b", 0))
+        .await;
+    let lease = a.body["lease_id"].as_str().unwrap().to_owned();
+    let a = c
+        .call(
+            7,
+            Op::ReleaseLease,
+            json!({"lease_id": lease, "quiet": false}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["lease_id"], lease.as_str());
+    assert_eq!(a.body["locks"][0]["key"], "quiet/b");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_named_errors_and_only_unrecoverable_ones_close() {
     let s = TestServer::memory().await;
 
