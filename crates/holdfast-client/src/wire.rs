@@ -376,7 +376,8 @@ impl Wire {
         waits: bool,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        let answer = self.call_raw(op, body, undo, waits, timeout).await?;
+        let conn = self.connection().await?;
+        let answer = self.call_on(&conn, op, body, undo, waits, timeout).await?;
         serde_json::from_slice(answer.body()).map_err(|e| ClientError::Server {
             status: answer.status,
             code: None,
@@ -409,21 +410,8 @@ impl Wire {
         .map(|_| ())
     }
 
-    /// Send one request and wait for its answer; an answer other than 200 is the error it
-    /// carries.
-    async fn call_raw<B: Serialize>(
-        &self,
-        op: Op,
-        body: &B,
-        undo: Undo,
-        waits: bool,
-        timeout: Duration,
-    ) -> Result<Answer, ClientError> {
-        let conn = self.connection().await?;
-        self.call_on(&conn, op, body, undo, waits, timeout).await
-    }
-
-    /// [`Wire::call_raw`] on a connection already in hand.
+    /// Send one request on `conn` and wait for its answer; an answer other than 200 is the
+    /// error it carries.
     async fn call_on<B: Serialize>(
         &self,
         conn: &Arc<Conn>,

@@ -190,35 +190,20 @@ async fn a_quiet_release_answers_an_empty_object_and_is_offered_at_hello() {
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body["features"], json!([wire::FEATURE_QUIET_RELEASE]));
 
-    let a = c
+    let created = c
         .call(1, Op::CreateLease, create("alice", "quiet/a", 0))
         .await;
-    assert_eq!(a.status, 200, "{a:?}");
-    let lease = a.body["lease_id"].as_str().unwrap().to_owned();
-    let a = c
-        .call(
-            2,
-            Op::ReleaseLease,
-            json!({"lease_id": lease, "quiet": true}),
-        )
-        .await;
+    let lease = created.body["lease_id"].as_str().unwrap().to_owned();
+    let quiet = json!({"lease_id": lease, "quiet": true});
+    let a = c.call(2, Op::ReleaseLease, quiet.clone()).await;
     assert_eq!((a.status, &a.body), (200, &json!({})), "{a:?}");
     assert_eq!(s.holders("quiet/a").await, 0);
-    let a = c.call(3, Op::GetLease, json!({"lease_id": lease})).await;
+    // Its errors are a loud release's: the lease is gone now; a bad flag names the field.
+    let a = c.call(3, Op::ReleaseLease, quiet).await;
     assert_code(&a, 404, "lease_not_found");
-
-    // Errors are the same as a loud release's.
     let a = c
         .call(
             4,
-            Op::ReleaseLease,
-            json!({"lease_id": lease, "quiet": true}),
-        )
-        .await;
-    assert_code(&a, 404, "lease_not_found");
-    let a = c
-        .call(
-            5,
             Op::ReleaseLease,
             json!({"lease_id": lease, "quiet": "yes"}),
         )
@@ -226,13 +211,13 @@ async fn a_quiet_release_answers_an_empty_object_and_is_offered_at_hello() {
     assert_code(&a, 400, "invalid_request");
     assert_eq!(a.body["field"], "quiet", "{a:?}");
     // `quiet: false` is a loud release: the lease comes back.
-    let a = c
-        .call(6, Op::CreateLease, create("alice", "quiet/b", 0))
+    let created = c
+        .call(5, Op::CreateLease, create("alice", "quiet/b", 0))
         .await;
-    let lease = a.body["lease_id"].as_str().unwrap().to_owned();
+    let lease = created.body["lease_id"].as_str().unwrap().to_owned();
     let a = c
         .call(
-            7,
+            6,
             Op::ReleaseLease,
             json!({"lease_id": lease, "quiet": false}),
         )
