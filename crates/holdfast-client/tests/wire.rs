@@ -153,7 +153,19 @@ async fn a_guard_renews_over_the_wire_and_waits_are_granted_in_order() {
 /// of keys; each holder checks that nobody else is inside and that fencing tokens only grow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_tasks_share_one_connection_without_overlap() {
-    let (server, shared) = start(ServerConfig::ephemeral_memory()).await;
+    many_tasks_without_overlap(ServerConfig::ephemeral_memory()).await;
+}
+
+/// The same in `sync` mode, where no request is answered on the connection task's first poll
+/// (each waits for its commit) and the answers come back from the syncer thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tasks_share_one_connection_without_overlap_in_sync_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    many_tasks_without_overlap(ServerConfig::ephemeral_sync(dir.path())).await;
+}
+
+async fn many_tasks_without_overlap(config: ServerConfig) {
+    let (server, shared) = start(config).await;
     let keys = ["w/k0", "w/k1", "w/k2"];
     let inside: Arc<Vec<AtomicBool>> =
         Arc::new(keys.iter().map(|_| AtomicBool::new(false)).collect());

@@ -216,6 +216,11 @@ impl Connection {
         if !self.waiting.is_empty() {
             self.waiting.remove(&id);
         }
+        self.encode_answer(id, result);
+    }
+
+    /// Encode the answer to a request that is not (or no longer) in `waiting`.
+    fn encode_answer(&mut self, id: u64, result: Result<Vec<u8>, ApiError>) {
         match result {
             Ok(body) => {
                 wire::encode_response(&mut self.output, id, 200, &body);
@@ -326,7 +331,14 @@ impl Connection {
             return;
         };
         match self.operation(op, parts.body, principal) {
-            Ok(Some((fut, waits))) => {
+            Ok(Some((mut fut, waits))) => {
+                // Most requests are answered on their first poll (memory mode applies them on
+                // this thread): encode the answer now rather than queue the future. A future
+                // that is not ready re-registers its waker when `pending` polls it.
+                if let Some(result) = fut.as_mut().now_or_never() {
+                    self.encode_answer(id, result);
+                    return;
+                }
                 if waits {
                     let (handle, registration) = AbortHandle::new_pair();
                     self.waiting.insert(id, handle);
