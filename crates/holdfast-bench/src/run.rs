@@ -398,21 +398,15 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let loopback = if config.workloads.contains(&Workload::W2) {
         progress!("loopback floor (round trips between two threads)");
         let timing = config.timing;
-        match tokio::task::spawn_blocking(move || {
+        let measured = tokio::task::spawn_blocking(move || {
             crate::floor::measure(timing.warmup, timing.duration)
         })
         .await
-        {
-            Ok(Ok(floor)) => Some(floor),
-            Ok(Err(e)) => {
-                notes.push(format!("loopback floor not measured: {e:#}"));
-                None
-            }
-            Err(e) => {
-                notes.push(format!("loopback floor not measured: {e}"));
-                None
-            }
-        }
+        .map_err(anyhow::Error::from)
+        .and_then(|floor| floor);
+        measured
+            .inspect_err(|e| notes.push(format!("loopback floor not measured: {e:#}")))
+            .ok()
     } else {
         None
     };

@@ -394,21 +394,17 @@ impl Engine {
     /// `touched` once per lease changed since the last call, with its owner (`Some(owner)`) if
     /// it lives, `None` if it is gone.
     pub fn discard_changes(&mut self, mut touched: impl FnMut(LeaseId, Option<Option<&str>>)) {
-        // Emptied in place rather than replaced, so that the lease set keeps its capacity (a
-        // fresh set allocated again for every command); unless a burst made it large, since
-        // emptying walks every bucket.
-        self.dirty.fencing_taken = self.fencing_next;
-        self.dirty.seq_taken = self.event_seq_next;
-        if !self.dirty.idempotency.is_empty() {
-            self.dirty.idempotency = HashSet::new();
-        }
-        if !self.dirty.lock_delays.is_empty() {
-            self.dirty.lock_delays = HashSet::new();
-        }
         let mut leases = std::mem::take(&mut self.dirty.leases);
+        self.dirty = Dirty {
+            fencing_taken: self.fencing_next,
+            seq_taken: self.event_seq_next,
+            ..Dirty::default()
+        };
         for id in leases.drain() {
             touched(id, self.leases.get(&id).map(Lease::owner));
         }
+        // The emptied lease set goes back, so that the next command does not allocate one
+        // again; unless a burst made it large, since emptying walks every bucket.
         if leases.capacity() <= DIRTY_LEASES_KEPT_CAPACITY {
             self.dirty.leases = leases;
         }

@@ -1190,7 +1190,7 @@ impl Host {
                 let batch = std::mem::take(&mut deliveries);
                 let started = Instant::now();
                 let then = Box::new(move || {
-                    hub.publish(events.into_iter());
+                    hub.publish(events);
                     deliver_later(batch, &undo);
                 });
                 match store.commit(&changes, then) {

@@ -71,7 +71,8 @@ impl EventHub {
     }
 
     /// Publish events (in sequence order).
-    pub fn publish(&self, events: impl ExactSizeIterator<Item = Event>) {
+    pub fn publish(&self, events: impl IntoIterator<Item = Event, IntoIter: ExactSizeIterator>) {
+        let events = events.into_iter();
         if events.len() == 0 {
             return;
         }
@@ -145,7 +146,7 @@ mod tests {
     #[test]
     fn resume_from_buffer_and_report_missed() {
         let hub = EventHub::new(3, 1);
-        hub.publish((1..=5).map(ev).collect::<Vec<_>>().into_iter());
+        hub.publish((1..=5).map(ev).collect::<Vec<_>>());
         let s = hub.subscribe(Some(3));
         assert_eq!(
             s.backlog.iter().map(|e| e.seq).collect::<Vec<_>>(),
@@ -162,7 +163,7 @@ mod tests {
         );
         assert_eq!(s.backlog.len(), 3);
         let mut s = hub.subscribe(None);
-        hub.publish(std::iter::once(ev(6)));
+        hub.publish(vec![ev(6)]);
         assert_eq!(s.live.try_recv().unwrap().seq, 6);
     }
 }
