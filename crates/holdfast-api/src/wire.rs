@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ErrorBody, LockRequest};
 
+pub mod compact;
+
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -67,11 +69,19 @@ pub enum Op {
     ReleaseLease = 0x14,
     /// [`ReleaseLock`] → [`crate::LeaseResponse`] (`DELETE /v1/leases/{id}/locks/{key}`).
     ReleaseLock = 0x15,
+    /// [`compact::CreateLease`] → [`compact::Lease`]: [`Op::CreateLease`] with compact bodies
+    /// (errors are JSON as for every op). Only for servers that list
+    /// [`FEATURE_COMPACT_LEASES`].
+    CreateLeaseCompact = 0x20,
+    /// The lease id's 32 hex digits as the whole body → an empty body: a quiet
+    /// [`Op::ReleaseLease`] without JSON. Only for servers that list
+    /// [`FEATURE_COMPACT_LEASES`].
+    ReleaseLeaseCompact = 0x21,
 }
 
 impl Op {
     /// Every op, for documentation and tests.
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 11] = [
         Op::Hello,
         Op::Ping,
         Op::Cancel,
@@ -81,6 +91,8 @@ impl Op {
         Op::Renew,
         Op::ReleaseLease,
         Op::ReleaseLock,
+        Op::CreateLeaseCompact,
+        Op::ReleaseLeaseCompact,
     ];
 
     /// The op of a byte, if any.
@@ -102,6 +114,8 @@ impl Op {
             Op::Renew => "renew",
             Op::ReleaseLease => "release_lease",
             Op::ReleaseLock => "release_lock",
+            Op::CreateLeaseCompact => "create_lease_compact",
+            Op::ReleaseLeaseCompact => "release_lease_compact",
         }
     }
 }
@@ -124,15 +138,18 @@ pub struct HelloOk {
     pub protocol: u32,
     /// `holdfast x.y.z`.
     pub server: String,
-    /// Optional request fields this server accepts (see [`FEATURE_QUIET_RELEASE`]). A client
-    /// sends such a field only to a server that lists it; a server that predates the list
-    /// sends none.
+    /// Optional request fields and ops this server accepts (see [`FEATURE_QUIET_RELEASE`],
+    /// [`FEATURE_COMPACT_LEASES`]). A client sends such a field or op only to a server that
+    /// lists it; a server that predates the list sends none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
 }
 
 /// [`ReleaseLease::quiet`] is understood: a quiet release is answered `{}`.
 pub const FEATURE_QUIET_RELEASE: &str = "quiet_release";
+
+/// [`Op::CreateLeaseCompact`] and [`Op::ReleaseLeaseCompact`] are understood.
+pub const FEATURE_COMPACT_LEASES: &str = "compact_leases";
 
 /// Body of [`Op::ReleaseLease`].
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]

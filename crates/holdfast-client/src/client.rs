@@ -428,16 +428,7 @@ impl Client {
     ) -> Result<LeaseResponse, ClientError> {
         let wait = Duration::from_millis(request.wait_ms.unwrap_or(0));
         if let Some(w) = &self.inner.wire {
-            let waits = !wait.is_zero();
-            return w
-                .call(
-                    Op::CreateLease,
-                    request,
-                    Undo::Lease,
-                    waits,
-                    self.timeout(wait),
-                )
-                .await;
+            return w.create_lease(request, self.timeout(wait)).await;
         }
         self.call(Method::POST, "/v1/leases", Some(request), wait)
             .await

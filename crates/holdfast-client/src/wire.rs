@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use holdfast_api::wire::{self, Op};
-use holdfast_api::{ErrorBody, LeaseResponse};
+use holdfast_api::{CreateLeaseRequest, ErrorBody, LeaseResponse};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -34,6 +34,8 @@ pub(crate) enum Undo {
     Nothing,
     /// The new lease in the answer.
     Lease,
+    /// The new lease in a compact answer.
+    CompactLease,
     /// These keys of the lease (added to an existing lease: one release each).
     Locks(String, Vec<String>),
 }
@@ -69,6 +71,8 @@ struct Conn {
     addr: String,
     /// The server said at hello that it answers a quiet release with `{}`.
     quiet_release: bool,
+    /// The server said at hello that it speaks the compact create and release ops.
+    compact_leases: bool,
 }
 
 impl Conn {
@@ -131,19 +135,31 @@ impl Conn {
         }
     }
 
+    /// Release a lease nobody waits for, in the cheapest form the server takes.
+    fn release_detached(self: &Arc<Self>, lease_id: String) {
+        tracing::debug!("releasing the lease of an abandoned acquisition");
+        if self.compact_leases {
+            self.send_detached(Op::ReleaseLeaseCompact, lease_id.into_bytes());
+        } else if let Ok(json) = serde_json::to_vec(&wire::ReleaseLease {
+            lease_id,
+            quiet: self.quiet_release,
+        }) {
+            self.send_detached(Op::ReleaseLease, json);
+        }
+    }
+
     /// An orphaned acquisition was granted: give it back.
     fn release_orphan(self: &Arc<Self>, undo: &Undo, body: &[u8]) {
         match undo {
             Undo::Nothing => {}
             Undo::Lease => {
-                if let Ok(lease) = serde_json::from_slice::<LeaseResponse>(body)
-                    && let Ok(json) = serde_json::to_vec(&wire::ReleaseLease {
-                        lease_id: lease.lease_id,
-                        quiet: self.quiet_release,
-                    })
-                {
-                    tracing::debug!("releasing the lease of an abandoned acquisition");
-                    self.send_detached(Op::ReleaseLease, json);
+                if let Ok(lease) = serde_json::from_slice::<LeaseResponse>(body) {
+                    self.release_detached(lease.lease_id);
+                }
+            }
+            Undo::CompactLease => {
+                if let Ok(lease) = wire::compact::decode::<wire::compact::Lease<'_>>(body) {
+                    self.release_detached(lease.lease_id.into_owned());
                 }
             }
             Undo::Locks(lease_id, keys) => {
@@ -348,12 +364,9 @@ impl Wire {
             }
             let hello_ok = serde_json::from_slice::<wire::HelloOk>(parts.body)
                 .map_err(|e| self.unreachable(format!("unreadable answer to hello: {e}")))?;
-            Ok(hello_ok
-                .features
-                .iter()
-                .any(|f| f == wire::FEATURE_QUIET_RELEASE))
+            Ok(hello_ok.features)
         };
-        let quiet_release = tokio::time::timeout(self.connect_timeout, handshake)
+        let features = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| self.unreachable("no answer to hello in time"))??;
         let conn = Arc::new(Conn {
@@ -361,7 +374,8 @@ impl Wire {
             table: Mutex::new(Table::default()),
             next_id: AtomicU64::new(1),
             addr: self.addr.clone(),
-            quiet_release,
+            quiet_release: features.iter().any(|f| f == wire::FEATURE_QUIET_RELEASE),
+            compact_leases: features.iter().any(|f| f == wire::FEATURE_COMPACT_LEASES),
         });
         tokio::spawn(read_answers(Arc::clone(&conn), read));
         Ok(conn)
@@ -377,12 +391,56 @@ impl Wire {
         timeout: Duration,
     ) -> Result<T, ClientError> {
         let conn = self.connection().await?;
-        let answer = self.call_on(&conn, op, body, undo, waits, timeout).await?;
-        serde_json::from_slice(answer.body()).map_err(|e| ClientError::Server {
-            status: answer.status,
+        let frame = json_frame(body)?;
+        let answer = self.call_on(&conn, op, frame, undo, waits, timeout).await?;
+        serde_json::from_slice(answer.body()).map_err(|e| self.unreadable(answer.status, &e))
+    }
+
+    fn unreadable(&self, status: u16, e: &dyn std::fmt::Display) -> ClientError {
+        ClientError::Server {
+            status,
             code: None,
             message: format!("unreadable answer from holdfast-wire://{}: {e}", self.addr),
-        })
+        }
+    }
+
+    /// Create a lease: with the compact op where the server offers it, else as JSON.
+    pub(crate) async fn create_lease(
+        &self,
+        request: &CreateLeaseRequest,
+        timeout: Duration,
+    ) -> Result<LeaseResponse, ClientError> {
+        let waits = request.wait_ms.unwrap_or(0) > 0;
+        let conn = self.connection().await?;
+        if !conn.compact_leases {
+            let frame = json_frame(request)?;
+            let answer = self
+                .call_on(&conn, Op::CreateLease, frame, Undo::Lease, waits, timeout)
+                .await?;
+            return serde_json::from_slice(answer.body())
+                .map_err(|e| self.unreadable(answer.status, &e));
+        }
+        let frame = wire::compact::encode_into(
+            &wire::compact::CreateLease::of(request),
+            frame_header_room(),
+        )
+        .map_err(|message| ClientError::Invalid {
+            field: None,
+            message,
+        })?;
+        let answer = self
+            .call_on(
+                &conn,
+                Op::CreateLeaseCompact,
+                frame,
+                Undo::CompactLease,
+                waits,
+                timeout,
+            )
+            .await?;
+        wire::compact::decode::<wire::compact::Lease<'_>>(answer.body())
+            .and_then(wire::compact::Lease::into_response)
+            .map_err(|e| self.unreadable(answer.status, &e))
     }
 
     /// Release a lease when only success matters (a guard): quietly where the server allows
@@ -394,40 +452,34 @@ impl Wire {
         timeout: Duration,
     ) -> Result<(), ClientError> {
         let conn = self.connection().await?;
-        let body = wire::ReleaseLease {
-            lease_id: lease_id.to_owned(),
-            quiet: conn.quiet_release,
+        let (op, frame) = if conn.compact_leases {
+            let mut frame = frame_header_room();
+            frame.extend_from_slice(lease_id.as_bytes());
+            (Op::ReleaseLeaseCompact, frame)
+        } else {
+            let body = wire::ReleaseLease {
+                lease_id: lease_id.to_owned(),
+                quiet: conn.quiet_release,
+            };
+            (Op::ReleaseLease, json_frame(&body)?)
         };
-        self.call_on(
-            &conn,
-            Op::ReleaseLease,
-            &body,
-            Undo::Nothing,
-            false,
-            timeout,
-        )
-        .await
-        .map(|_| ())
+        self.call_on(&conn, op, frame, Undo::Nothing, false, timeout)
+            .await
+            .map(|_| ())
     }
 
     /// Send one request on `conn` and wait for its answer; an answer other than 200 is the
-    /// error it carries.
-    async fn call_on<B: Serialize>(
+    /// error it carries. `frame` is room for the header (see [`frame_header_room`]) and the
+    /// body.
+    async fn call_on(
         &self,
         conn: &Arc<Conn>,
         op: Op,
-        body: &B,
+        mut frame: Vec<u8>,
         undo: Undo,
         waits: bool,
         timeout: Duration,
     ) -> Result<Answer, ClientError> {
-        // The body is serialized straight into the frame, after room for its header.
-        let mut frame = Vec::with_capacity(256);
-        frame.resize(wire::LENGTH_BYTES + wire::REQUEST_HEADER_BYTES, 0);
-        serde_json::to_writer(&mut frame, body).map_err(|e| ClientError::Invalid {
-            field: None,
-            message: e.to_string(),
-        })?;
         let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -467,6 +519,24 @@ impl Wire {
     }
 }
 
+/// An empty request frame with room for its header, so that the body is written straight
+/// after it (no second buffer, no copy).
+fn frame_header_room() -> Vec<u8> {
+    let mut frame = Vec::with_capacity(256);
+    frame.resize(wire::LENGTH_BYTES + wire::REQUEST_HEADER_BYTES, 0);
+    frame
+}
+
+/// A request frame (header to be finished) with `body` as JSON.
+fn json_frame<B: Serialize>(body: &B) -> Result<Vec<u8>, ClientError> {
+    let mut frame = frame_header_room();
+    serde_json::to_writer(&mut frame, body).map_err(|e| ClientError::Invalid {
+        field: None,
+        message: e.to_string(),
+    })?;
+    Ok(frame)
+}
+
 fn error_answer(status: u16, body: &[u8]) -> ClientError {
     let raw = String::from_utf8_lossy(body);
     let parsed = serde_json::from_slice::<ErrorBody>(body).ok();
@@ -480,11 +550,33 @@ mod tests {
 
     use super::*;
 
-    /// A one-connection server: answers hello with `features`, then answers every request
-    /// `200 {}` and hands its (op, body) to the test.
+    fn lease(id: &str) -> LeaseResponse {
+        LeaseResponse {
+            lease_id: id.to_owned(),
+            holder: "h".to_owned(),
+            ttl_ms: 30_000,
+            expires_at_ms: 1_000_030_000,
+            remaining_ms: 30_000,
+            reason: None,
+            metadata: None,
+            locks: vec![holdfast_api::HeldLock {
+                key: "k".to_owned(),
+                mode: holdfast_api::LockMode::Exclusive,
+                limit: None,
+                permits: None,
+                fencing_token: 42,
+                count: 1,
+                acquired_at_ms: 1_000_000_000,
+            }],
+        }
+    }
+
+    /// A one-connection server: answers hello with `features`, then answers a create with
+    /// the lease `lease(LEASE)` (compact for the compact op), anything else `200 {}`, and
+    /// hands each request's (op, body) to the test.
     async fn fake_server(
         features: Vec<String>,
-    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<(u8, Value)>) {
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<(u8, Vec<u8>)>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -500,9 +592,16 @@ mod tests {
                     })
                     .unwrap()
                 } else {
-                    let body = serde_json::from_slice(request.body).unwrap();
-                    let _ = tx.send((request.op, body));
-                    b"{}".to_vec()
+                    let _ = tx.send((request.op, request.body.to_vec()));
+                    if request.op == Op::CreateLease as u8 {
+                        serde_json::to_vec(&lease(LEASE)).unwrap()
+                    } else if request.op == Op::CreateLeaseCompact as u8 {
+                        let lease = lease(LEASE);
+                        wire::compact::encode_into(&wire::compact::Lease::of(&lease), Vec::new())
+                            .unwrap()
+                    } else {
+                        b"{}".to_vec()
+                    }
                 };
                 let mut out = Vec::new();
                 wire::encode_response(&mut out, request.id, 200, &answer);
@@ -512,22 +611,74 @@ mod tests {
         (addr, rx)
     }
 
+    const LEASE: &str = "0123456789abcdef0123456789abcdef";
+
     #[tokio::test]
-    async fn a_release_is_quiet_only_for_a_server_that_offers_it() {
-        let id = "0123456789abcdef0123456789abcdef";
-        for (features, expected) in [
-            (vec![], json!({"lease_id": id})),
+    async fn a_release_is_quiet_or_compact_only_for_a_server_that_offers_it() {
+        let quiet = wire::FEATURE_QUIET_RELEASE.to_owned();
+        let compact = wire::FEATURE_COMPACT_LEASES.to_owned();
+        let json = |v: Value| serde_json::to_vec(&v).unwrap();
+        for (features, expected_op, expected_body) in [
+            (vec![], Op::ReleaseLease, json(json!({"lease_id": LEASE}))),
             (
-                vec![wire::FEATURE_QUIET_RELEASE.to_owned()],
-                json!({"lease_id": id, "quiet": true}),
+                vec![quiet.clone()],
+                Op::ReleaseLease,
+                json(json!({"lease_id": LEASE, "quiet": true})),
+            ),
+            (
+                vec![quiet, compact],
+                Op::ReleaseLeaseCompact,
+                LEASE.as_bytes().to_vec(),
             ),
         ] {
             let (addr, mut requests) = fake_server(features).await;
             let w = Wire::new(addr, None, Duration::from_secs(5));
-            w.release_quietly(id, Duration::from_secs(5)).await.unwrap();
+            w.release_quietly(LEASE, Duration::from_secs(5))
+                .await
+                .unwrap();
             let (op, body) = requests.recv().await.unwrap();
-            assert_eq!(op, Op::ReleaseLease as u8);
-            assert_eq!(body, expected);
+            assert_eq!(op, expected_op as u8);
+            assert_eq!(body, expected_body);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_create_is_compact_only_for_a_server_that_offers_it() {
+        let request = CreateLeaseRequest {
+            holder: "h".to_owned(),
+            ttl_ms: Some(30_000),
+            wait_ms: None,
+            reason: Some("why".to_owned()),
+            metadata: json!({"a": 1}).as_object().cloned(),
+            reentrant: Some(false),
+            locks: vec![holdfast_api::LockRequest::exclusive("k")],
+        };
+        for compact in [false, true] {
+            let features = if compact {
+                vec![wire::FEATURE_COMPACT_LEASES.to_owned()]
+            } else {
+                vec![]
+            };
+            let (addr, mut requests) = fake_server(features).await;
+            let w = Wire::new(addr, None, Duration::from_secs(5));
+            let answer = w
+                .create_lease(&request, Duration::from_secs(5))
+                .await
+                .unwrap();
+            // Either way the caller gets the same lease.
+            assert_eq!(answer, lease(LEASE));
+            let (op, body) = requests.recv().await.unwrap();
+            let sent = if compact {
+                assert_eq!(op, Op::CreateLeaseCompact as u8);
+                wire::compact::decode::<wire::compact::CreateLease<'_>>(&body)
+                    .unwrap()
+                    .into_request()
+                    .unwrap()
+            } else {
+                assert_eq!(op, Op::CreateLease as u8);
+                serde_json::from_slice(&body).unwrap()
+            };
+            assert_eq!(sent, request);
         }
     }
 }

@@ -392,6 +392,21 @@ impl Connection {
                     async move { json(&leases::create_lease_op(&state, &principal, req).await?) };
                 (Box::pin(fut), waits)
             }
+            Op::CreateLeaseCompact => {
+                let req = wire::compact::decode::<wire::compact::CreateLease<'_>>(body)
+                    .and_then(wire::compact::CreateLease::into_request)
+                    .map_err(|e| ApiError::invalid(e.field, e.message))?;
+                let waits = req.wait_ms.unwrap_or(0) > 0;
+                let fut = async move {
+                    let lease = leases::create_lease_op(&state, &principal, req).await?;
+                    wire::compact::encode_into(
+                        &wire::compact::Lease::of(&lease),
+                        Vec::with_capacity(128),
+                    )
+                    .map_err(|e| ApiError::internal(format!("cannot encode answer: {e}")))
+                };
+                (Box::pin(fut), waits)
+            }
             Op::AddLocks => {
                 let req: wire::AddLocks = decode_required(body)?;
                 let waits = req.wait_ms.unwrap_or(0) > 0;
@@ -430,6 +445,21 @@ impl Connection {
                 };
                 (Box::pin(fut), false)
             }
+            Op::ReleaseLeaseCompact => {
+                let lease_id = std::str::from_utf8(body)
+                    .map_err(|_| {
+                        ApiError::invalid(
+                            "lease_id",
+                            "the body of release_lease_compact must be the lease id's hex digits",
+                        )
+                    })?
+                    .to_owned();
+                let fut = async move {
+                    leases::release_lease_quiet_op(&state, &principal, &lease_id).await?;
+                    Ok(Vec::new())
+                };
+                (Box::pin(fut), false)
+            }
             Op::ReleaseLock => {
                 let req: wire::ReleaseLock = decode_required(body)?;
                 let fut = async move {
@@ -464,7 +494,10 @@ impl Connection {
         json(&wire::HelloOk {
             protocol: wire::PROTOCOL_VERSION,
             server: format!("holdfast {}", env!("CARGO_PKG_VERSION")),
-            features: vec![wire::FEATURE_QUIET_RELEASE.to_owned()],
+            features: vec![
+                wire::FEATURE_QUIET_RELEASE.to_owned(),
+                wire::FEATURE_COMPACT_LEASES.to_owned(),
+            ],
         })
     }
 }

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use holdfast_api::wire::{self, Op};
+use holdfast_api::wire::{self, Op, compact};
+use holdfast_api::{CreateLeaseRequest, LeaseResponse, LockRequest};
 use holdfast_server::ServerConfig;
 use holdfast_server::auth::hash_secret;
 use holdfast_server::config::{Role, TokenConfig};
@@ -19,12 +20,13 @@ struct Raw {
     stream: TcpStream,
 }
 
-/// One answer: id, status, JSON body.
+/// One answer: id, status, JSON body (`Null` for a compact one: see `raw`).
 #[derive(Debug)]
 struct Answer {
     id: u64,
     status: u16,
     body: Value,
+    raw: Vec<u8>,
 }
 
 impl Raw {
@@ -78,7 +80,8 @@ impl Raw {
             Some(Answer {
                 id: parts.id,
                 status: parts.status,
-                body: serde_json::from_slice(parts.body).expect("JSON body"),
+                body: serde_json::from_slice(parts.body).unwrap_or(Value::Null),
+                raw: parts.body.to_vec(),
             })
         };
         tokio::time::timeout(Duration::from_secs(60), read)
@@ -94,6 +97,13 @@ impl Raw {
 
     async fn call(&mut self, id: u64, op: Op, body: Value) -> Answer {
         self.send(id, op, body).await;
+        let a = self.answer().await;
+        assert_eq!(a.id, id, "answer to the request asked: {a:?}");
+        a
+    }
+
+    async fn call_bytes(&mut self, id: u64, op: Op, body: &[u8]) -> Answer {
+        self.send_bytes(id, op as u8, body).await;
         let a = self.answer().await;
         assert_eq!(a.id, id, "answer to the request asked: {a:?}");
         a
@@ -188,7 +198,10 @@ async fn a_quiet_release_answers_an_empty_object_and_is_offered_at_hello() {
     let mut c = Raw::connect(&s).await;
     let a = c.call(0, Op::Hello, json!({"protocol": 1})).await;
     assert_eq!(a.status, 200, "{a:?}");
-    assert_eq!(a.body["features"], json!([wire::FEATURE_QUIET_RELEASE]));
+    assert_eq!(
+        a.body["features"],
+        json!([wire::FEATURE_QUIET_RELEASE, wire::FEATURE_COMPACT_LEASES])
+    );
 
     let created = c
         .call(1, Op::CreateLease, create("alice", "quiet/a", 0))
@@ -225,6 +238,131 @@ async fn a_quiet_release_answers_an_empty_object_and_is_offered_at_hello() {
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body["lease_id"], lease.as_str());
     assert_eq!(a.body["locks"][0]["key"], "quiet/b");
+    s.shutdown().await;
+}
+
+fn compact_create(holder: &str, key: &str, wait_ms: u64) -> CreateLeaseRequest {
+    CreateLeaseRequest {
+        holder: holder.to_owned(),
+        ttl_ms: Some(20_000),
+        wait_ms: Some(wait_ms),
+        reason: Some("nightly import".to_owned()),
+        metadata: json!({"job": 7}).as_object().cloned(),
+        reentrant: None,
+        locks: vec![LockRequest::exclusive(key)],
+    }
+}
+
+fn compact_body(request: &CreateLeaseRequest) -> Vec<u8> {
+    compact::encode_into(&compact::CreateLease::of(request), Vec::new()).unwrap()
+}
+
+#[track_caller]
+fn compact_lease(a: &Answer) -> LeaseResponse {
+    assert_eq!(a.status, 200, "{a:?}");
+    compact::decode::<compact::Lease<'_>>(&a.raw)
+        .and_then(compact::Lease::into_response)
+        .expect("a compact lease")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_create_and_release_do_what_their_json_ops_do() {
+    let s = TestServer::memory().await;
+    let mut c = Raw::hello(&s).await;
+
+    let a = c
+        .call_bytes(
+            1,
+            Op::CreateLeaseCompact,
+            &compact_body(&compact_create("alice", "compact/a", 0)),
+        )
+        .await;
+    let lease = compact_lease(&a);
+    assert_eq!(lease.holder, "alice");
+    assert_eq!(lease.ttl_ms, 20_000);
+    assert_eq!(lease.reason.as_deref(), Some("nightly import"));
+    assert_eq!(lease.metadata, json!({"job": 7}).as_object().cloned());
+    assert_eq!(lease.locks.len(), 1);
+    assert_eq!(lease.locks[0].key, "compact/a");
+    assert!(lease.locks[0].fencing_token > 0);
+    // The JSON ops see the same lease.
+    let a = c
+        .call(2, Op::GetLease, json!({"lease_id": lease.lease_id}))
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.body["locks"][0]["fencing_token"],
+        lease.locks[0].fencing_token
+    );
+
+    // Refusals are the JSON op's, as JSON error bodies.
+    let a = c
+        .call_bytes(
+            3,
+            Op::CreateLeaseCompact,
+            &compact_body(&compact_create("bob", "compact/a", 0)),
+        )
+        .await;
+    assert_code(&a, 409, "lock_held");
+    assert_eq!(a.body["key"], "compact/a");
+    // So are validation errors, with the field named.
+    let a = c
+        .call_bytes(
+            4,
+            Op::CreateLeaseCompact,
+            &compact_body(&compact_create("", "compact/b", 0)),
+        )
+        .await;
+    assert_code(&a, 400, "invalid_request");
+    assert_eq!(a.body["field"], "holder", "{a:?}");
+    let bob = compact_create("bob", "compact/b", 0);
+    let mut listed = compact::CreateLease::of(&bob);
+    listed.metadata = Some("[1]".into());
+    let body = compact::encode_into(&listed, Vec::new()).unwrap();
+    let a = c.call_bytes(5, Op::CreateLeaseCompact, &body).await;
+    assert_code(&a, 400, "invalid_request");
+    assert_eq!(a.body["field"], "metadata", "{a:?}");
+    // A body that is not the compact encoding (JSON, say) names the body; the connection
+    // stays usable.
+    let json = serde_json::to_vec(&create("bob", "compact/b", 0)).unwrap();
+    let a = c.call_bytes(6, Op::CreateLeaseCompact, &json).await;
+    assert_code(&a, 400, "invalid_request");
+    assert_eq!(a.body["field"], "body", "{a:?}");
+    assert_eq!(s.holders("compact/b").await, 0);
+
+    // A waiting compact create is granted, compactly, when the holder releases compactly.
+    let mut waiter = Raw::hello(&s).await;
+    waiter
+        .send_bytes(
+            10,
+            Op::CreateLeaseCompact as u8,
+            &compact_body(&compact_create("carol", "compact/a", 30_000)),
+        )
+        .await;
+    s.wait_for_waiters("compact/a", 1).await;
+    let a = c
+        .call_bytes(7, Op::ReleaseLeaseCompact, lease.lease_id.as_bytes())
+        .await;
+    assert_eq!((a.status, a.raw.len()), (200, 0), "{a:?}");
+    let granted = compact_lease(&waiter.answer().await);
+    assert_eq!(granted.holder, "carol");
+    assert!(granted.locks[0].fencing_token > lease.locks[0].fencing_token);
+
+    // A release's errors are the JSON release's.
+    let a = c
+        .call_bytes(8, Op::ReleaseLeaseCompact, lease.lease_id.as_bytes())
+        .await;
+    assert_code(&a, 404, "lease_not_found");
+    for bad in [&b"not-a-lease"[..], &[0xff, 0xfe][..]] {
+        let a = c.call_bytes(9, Op::ReleaseLeaseCompact, bad).await;
+        assert_code(&a, 400, "invalid_request");
+        assert_eq!(a.body["field"], "lease_id", "{a:?}");
+    }
+    let a = waiter
+        .call_bytes(11, Op::ReleaseLeaseCompact, granted.lease_id.as_bytes())
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(s.holders("compact/a").await, 0);
     s.shutdown().await;
 }
 
@@ -544,8 +682,31 @@ fn fuzz_frame() -> impl proptest::strategy::Strategy<Value = FuzzFrame> {
         .iter()
         .map(|t| serde_json::to_vec(t).unwrap())
         .collect();
+    // Compact create bodies (valid, then with one byte changed or cut short) and lease ids,
+    // for the compact ops.
+    let compact_bodies: Vec<Vec<u8>> = vec![
+        compact_body(&compact_create("f", "f/a", 0)),
+        compact_body(&compact_create("f", "f/b", 10)),
+        b"0123456789abcdef0123456789abcdef".to_vec(),
+    ];
+    let compact = (
+        proptest::sample::select(compact_bodies),
+        any::<usize>(),
+        any::<u8>(),
+        0usize..3,
+    )
+        .prop_map(|(mut body, at, byte, how)| {
+            let at = at % body.len();
+            match how {
+                0 => {}
+                1 => body[at] = byte,
+                _ => body.truncate(at),
+            }
+            body
+        });
     let bodies = prop_oneof![
         proptest::sample::select(plain),
+        compact,
         proptest::collection::vec(any::<u8>(), 0..120),
         crate::fuzz::json_value().prop_map(|v| serde_json::to_vec(&v).unwrap()),
         (0..n, 0usize..12, any::<u8>(), crate::fuzz::json_value()).prop_map(move |(t, c, a, r)| {
