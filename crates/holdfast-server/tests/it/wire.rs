@@ -109,6 +109,12 @@ impl Raw {
         a
     }
 
+    /// `create_lease_compact` of `request`.
+    async fn create_compact(&mut self, id: u64, request: &CreateLeaseRequest) -> Answer {
+        self.call_bytes(id, Op::CreateLeaseCompact, &compact_body(request))
+            .await
+    }
+
     async fn assert_closed(&mut self) {
         assert!(self.next().await.is_none(), "connection should be closed");
     }
@@ -271,11 +277,7 @@ async fn compact_create_and_release_do_what_their_json_ops_do() {
     let mut c = Raw::hello(&s).await;
 
     let a = c
-        .call_bytes(
-            1,
-            Op::CreateLeaseCompact,
-            &compact_body(&compact_create("alice", "compact/a", 0)),
-        )
+        .create_compact(1, &compact_create("alice", "compact/a", 0))
         .await;
     let lease = compact_lease(&a);
     assert_eq!(lease.holder, "alice");
@@ -297,21 +299,13 @@ async fn compact_create_and_release_do_what_their_json_ops_do() {
 
     // Refusals are the JSON op's, as JSON error bodies.
     let a = c
-        .call_bytes(
-            3,
-            Op::CreateLeaseCompact,
-            &compact_body(&compact_create("bob", "compact/a", 0)),
-        )
+        .create_compact(3, &compact_create("bob", "compact/a", 0))
         .await;
     assert_code(&a, 409, "lock_held");
     assert_eq!(a.body["key"], "compact/a");
     // So are validation errors, with the field named.
     let a = c
-        .call_bytes(
-            4,
-            Op::CreateLeaseCompact,
-            &compact_body(&compact_create("", "compact/b", 0)),
-        )
+        .create_compact(4, &compact_create("", "compact/b", 0))
         .await;
     assert_code(&a, 400, "invalid_request");
     assert_eq!(a.body["field"], "holder", "{a:?}");
