@@ -90,7 +90,9 @@ impl HoldfastTransport {
     #[must_use]
     pub fn describe(self) -> &'static str {
         match self {
-            HoldfastTransport::Wire => "holdfast-client over the wire protocol (framed TCP + JSON)",
+            HoldfastTransport::Wire => {
+                "holdfast-client over the wire protocol (framed TCP; compact create and release where the server offers them, JSON otherwise)"
+            }
             HoldfastTransport::Client => "holdfast-client (HTTP/1.1 + JSON)",
             HoldfastTransport::Http => "bare HTTP/1.1 + JSON requests (reqwest)",
         }
