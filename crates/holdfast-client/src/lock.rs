@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 use holdfast_api::{CreateLeaseRequest, HolderInfo, LockMode, LockRequest};
-use rand::SeedableRng as _;
 use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng as _};
 use tokio::time::Instant;
 
 use crate::client::{Client, duration_ms};
@@ -301,11 +301,9 @@ impl LockBuilder {
             .first()
             .map(|l| l.key.clone())
             .unwrap_or_default();
-        let mut rng: StdRng = match self.rng_seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            // Seeded from the thread's generator, not the OS: `from_os_rng` is a getrandom
-            // syscall on every acquisition (visible in the W1 client profile).
-            None => StdRng::from_rng(&mut rand::rng()),
+        let mut rng = LazyRng {
+            seed: self.rng_seed,
+            rng: None,
         };
         let last_busy: Mutex<(String, Vec<HolderInfo>)> =
             Mutex::new((first_key.clone(), Vec::new()));
@@ -433,5 +431,72 @@ impl LockBuilder {
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),
         }
+    }
+}
+
+/// The retry jitter's generator, seeded when a retry first draws from it: most acquisitions
+/// succeed at their first attempt, and seeding a `StdRng` (a ChaCha block) on every one was
+/// about 1 % of an uncontended acquire+release on the client.
+struct LazyRng {
+    /// `LockBuilder::rng_seed`, for reproducible jitter in tests.
+    seed: Option<u64>,
+    rng: Option<StdRng>,
+}
+
+impl LazyRng {
+    fn get(&mut self) -> &mut StdRng {
+        let seed = self.seed;
+        self.rng.get_or_insert_with(|| match seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            // Seeded from the thread's generator, not the OS: `from_os_rng` is a getrandom
+            // syscall (visible in the W1 client profile when it ran on every acquisition).
+            None => StdRng::from_rng(&mut rand::rng()),
+        })
+    }
+}
+
+impl RngCore for LazyRng {
+    fn next_u32(&mut self) -> u32 {
+        self.get().next_u32()
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.get().next_u64()
+    }
+
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        self.get().fill_bytes(dst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_jitter_generator_is_seeded_at_its_first_draw_and_a_seed_is_kept() {
+        let mut lazy = LazyRng {
+            seed: Some(7),
+            rng: None,
+        };
+        assert!(lazy.rng.is_none(), "nothing drawn, nothing seeded");
+        let mut plain = StdRng::seed_from_u64(7);
+        assert_eq!(lazy.next_u64(), plain.next_u64());
+        assert_eq!(lazy.next_u32(), plain.next_u32());
+        let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+        lazy.fill_bytes(&mut a);
+        plain.fill_bytes(&mut b);
+        assert_eq!(a, b);
+
+        // Unseeded generators differ from each other once they draw.
+        let mut x = LazyRng {
+            seed: None,
+            rng: None,
+        };
+        let mut y = LazyRng {
+            seed: None,
+            rng: None,
+        };
+        assert_ne!((x.next_u64(), x.next_u64()), (y.next_u64(), y.next_u64()));
     }
 }
