@@ -577,6 +577,11 @@ async fn tokens_are_checked_at_hello_and_rules_apply_to_every_op() {
         .call(2, Op::CreateLease, create("h", "billing/x", 0))
         .await;
     assert_code(&a, 403, "forbidden");
+    // The compact create is held to the same prefixes.
+    let a = clinic
+        .create_compact(5, &compact_create("h", "billing/z", 0))
+        .await;
+    assert_code(&a, 403, "forbidden");
     let a = clinic
         .call(3, Op::CreateLease, create("h", "clinic/x", 0))
         .await;
@@ -596,6 +601,10 @@ async fn tokens_are_checked_at_hello_and_rules_apply_to_every_op() {
         let a = other.call(id, op, json!({"lease_id": lease})).await;
         assert_code(&a, 404, "lease_not_found");
     }
+    let a = other
+        .call_bytes(5, Op::ReleaseLeaseCompact, lease.as_bytes())
+        .await;
+    assert_code(&a, 404, "lease_not_found");
     // A reader cannot write.
     let mut viewer = Raw::connect(&s).await;
     viewer
@@ -607,6 +616,14 @@ async fn tokens_are_checked_at_hello_and_rules_apply_to_every_op() {
         .await;
     let a = viewer
         .call(2, Op::CreateLease, create("h", "clinic/y", 0))
+        .await;
+    assert_code(&a, 403, "forbidden");
+    let a = viewer
+        .create_compact(3, &compact_create("h", "clinic/y", 0))
+        .await;
+    assert_code(&a, 403, "forbidden");
+    let a = viewer
+        .call_bytes(4, Op::ReleaseLeaseCompact, lease.as_bytes())
         .await;
     assert_code(&a, 403, "forbidden");
 
