@@ -219,6 +219,14 @@ impl LockRequest {
     }
 }
 
+/// The compact JSON text of a metadata object: how the engine stores it (and checks its size)
+/// and how the compact wire bodies carry it.
+#[must_use]
+pub fn metadata_text(metadata: &serde_json::Map<String, serde_json::Value>) -> String {
+    // A map of JSON values always serializes.
+    serde_json::to_string(metadata).unwrap_or_default()
+}
+
 /// `POST /v1/leases`: create a lease holding these locks, atomically.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

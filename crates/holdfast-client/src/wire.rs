@@ -135,16 +135,27 @@ impl Conn {
         }
     }
 
-    /// Release a lease nobody waits for, in the cheapest form the server takes.
-    fn release_detached(self: &Arc<Self>, lease_id: String) {
-        tracing::debug!("releasing the lease of an abandoned acquisition");
+    /// Append the body of a release whose answer nobody reads to `out`, in the cheapest form
+    /// the server takes (compact, else quiet where offered, else plain JSON); returns its op.
+    fn write_release(&self, lease_id: &str, out: &mut Vec<u8>) -> Result<Op, ClientError> {
         if self.compact_leases {
-            self.send_detached(Op::ReleaseLeaseCompact, lease_id.into_bytes());
-        } else if let Ok(json) = serde_json::to_vec(&wire::ReleaseLease {
-            lease_id,
+            out.extend_from_slice(lease_id.as_bytes());
+            return Ok(Op::ReleaseLeaseCompact);
+        }
+        let body = wire::ReleaseLease {
+            lease_id: lease_id.to_owned(),
             quiet: self.quiet_release,
-        }) {
-            self.send_detached(Op::ReleaseLease, json);
+        };
+        write_json(out, &body)?;
+        Ok(Op::ReleaseLease)
+    }
+
+    /// Release a lease nobody waits for.
+    fn release_detached(self: &Arc<Self>, lease_id: &str) {
+        tracing::debug!("releasing the lease of an abandoned acquisition");
+        let mut body = Vec::new();
+        if let Ok(op) = self.write_release(lease_id, &mut body) {
+            self.send_detached(op, body);
         }
     }
 
@@ -154,12 +165,12 @@ impl Conn {
             Undo::Nothing => {}
             Undo::Lease => {
                 if let Ok(lease) = serde_json::from_slice::<LeaseResponse>(body) {
-                    self.release_detached(lease.lease_id);
+                    self.release_detached(&lease.lease_id);
                 }
             }
             Undo::CompactLease => {
                 if let Ok(lease) = wire::compact::decode::<wire::compact::Lease<'_>>(body) {
-                    self.release_detached(lease.lease_id.into_owned());
+                    self.release_detached(&lease.lease_id);
                 }
             }
             Undo::Locks(lease_id, keys) => {
@@ -391,8 +402,23 @@ impl Wire {
         timeout: Duration,
     ) -> Result<T, ClientError> {
         let conn = self.connection().await?;
-        let frame = json_frame(body)?;
-        let answer = self.call_on(&conn, op, frame, undo, waits, timeout).await?;
+        self.call_json_on(&conn, op, body, undo, waits, timeout)
+            .await
+    }
+
+    /// [`Wire::call`] on a connection already in hand.
+    async fn call_json_on<B: Serialize, T: DeserializeOwned>(
+        &self,
+        conn: &Arc<Conn>,
+        op: Op,
+        body: &B,
+        undo: Undo,
+        waits: bool,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let mut frame = frame_header_room();
+        write_json(&mut frame, body)?;
+        let answer = self.call_on(conn, op, frame, undo, waits, timeout).await?;
         serde_json::from_slice(answer.body()).map_err(|e| self.unreadable(answer.status, &e))
     }
 
@@ -413,12 +439,9 @@ impl Wire {
         let waits = request.wait_ms.unwrap_or(0) > 0;
         let conn = self.connection().await?;
         if !conn.compact_leases {
-            let frame = json_frame(request)?;
-            let answer = self
-                .call_on(&conn, Op::CreateLease, frame, Undo::Lease, waits, timeout)
-                .await?;
-            return serde_json::from_slice(answer.body())
-                .map_err(|e| self.unreadable(answer.status, &e));
+            return self
+                .call_json_on(&conn, Op::CreateLease, request, Undo::Lease, waits, timeout)
+                .await;
         }
         let frame = wire::compact::encode_into(
             &wire::compact::CreateLease::of(request),
@@ -452,17 +475,8 @@ impl Wire {
         timeout: Duration,
     ) -> Result<(), ClientError> {
         let conn = self.connection().await?;
-        let (op, frame) = if conn.compact_leases {
-            let mut frame = frame_header_room();
-            frame.extend_from_slice(lease_id.as_bytes());
-            (Op::ReleaseLeaseCompact, frame)
-        } else {
-            let body = wire::ReleaseLease {
-                lease_id: lease_id.to_owned(),
-                quiet: conn.quiet_release,
-            };
-            (Op::ReleaseLease, json_frame(&body)?)
-        };
+        let mut frame = frame_header_room();
+        let op = conn.write_release(lease_id, &mut frame)?;
         self.call_on(&conn, op, frame, Undo::Nothing, false, timeout)
             .await
             .map(|_| ())
@@ -527,14 +541,12 @@ fn frame_header_room() -> Vec<u8> {
     frame
 }
 
-/// A request frame (header to be finished) with `body` as JSON.
-fn json_frame<B: Serialize>(body: &B) -> Result<Vec<u8>, ClientError> {
-    let mut frame = frame_header_room();
-    serde_json::to_writer(&mut frame, body).map_err(|e| ClientError::Invalid {
+/// Append `body` as JSON to `out`.
+fn write_json<B: Serialize>(out: &mut Vec<u8>, body: &B) -> Result<(), ClientError> {
+    serde_json::to_writer(out, body).map_err(|e| ClientError::Invalid {
         field: None,
         message: e.to_string(),
-    })?;
-    Ok(frame)
+    })
 }
 
 fn error_answer(status: u16, body: &[u8]) -> ClientError {

@@ -385,25 +385,29 @@ impl Connection {
                 }
                 return Ok(None);
             }
-            Op::CreateLease => {
-                let req: CreateLeaseRequest = decode_required(body)?;
-                let waits = req.wait_ms.unwrap_or(0) > 0;
-                let fut =
-                    async move { json(&leases::create_lease_op(&state, &principal, req).await?) };
-                (Box::pin(fut), waits)
-            }
-            Op::CreateLeaseCompact => {
-                let req = wire::compact::decode::<wire::compact::CreateLease<'_>>(body)
-                    .and_then(wire::compact::CreateLease::into_request)
-                    .map_err(|e| ApiError::invalid(e.field, e.message))?;
+            Op::CreateLease | Op::CreateLeaseCompact => {
+                // The compact op carries the same request and answers the same lease, in
+                // postcard instead of JSON.
+                let compact = op == Op::CreateLeaseCompact;
+                let req: CreateLeaseRequest = if compact {
+                    wire::compact::decode::<wire::compact::CreateLease<'_>>(body)
+                        .and_then(wire::compact::CreateLease::into_request)
+                        .map_err(|e| ApiError::invalid(e.field, e.message))?
+                } else {
+                    decode_required(body)?
+                };
                 let waits = req.wait_ms.unwrap_or(0) > 0;
                 let fut = async move {
                     let lease = leases::create_lease_op(&state, &principal, req).await?;
-                    wire::compact::encode_into(
-                        &wire::compact::Lease::of(&lease),
-                        Vec::with_capacity(128),
-                    )
-                    .map_err(|e| ApiError::internal(format!("cannot encode answer: {e}")))
+                    if compact {
+                        wire::compact::encode_into(
+                            &wire::compact::Lease::of(&lease),
+                            Vec::with_capacity(128),
+                        )
+                        .map_err(|e| ApiError::internal(format!("cannot encode answer: {e}")))
+                    } else {
+                        json(&lease)
+                    }
                 };
                 (Box::pin(fut), waits)
             }

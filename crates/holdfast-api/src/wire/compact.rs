@@ -17,7 +17,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{CreateLeaseRequest, HeldLock, LeaseResponse, LockMode, LockRequest};
+use crate::{CreateLeaseRequest, HeldLock, LeaseResponse, LockMode, LockRequest, metadata_text};
 
 /// Body of [`super::Op::CreateLeaseCompact`]: [`CreateLeaseRequest`], field for field.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -106,21 +106,14 @@ pub struct Held<'a> {
 
 /// Why a compact body could not be read, and which field it concerns (`body` for the
 /// encoding itself).
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct DecodeError {
     /// The field to name in an `invalid_request` answer.
     pub field: &'static str,
     /// What is wrong with it.
     pub message: String,
 }
-
-impl std::fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for DecodeError {}
 
 /// Encode `value` after the bytes already in `out` (a frame's header, say).
 ///
@@ -151,13 +144,6 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> 
     Ok(value)
 }
 
-fn metadata_text(
-    metadata: Option<&serde_json::Map<String, serde_json::Value>>,
-) -> Option<Cow<'static, str>> {
-    // A map of JSON values always serializes.
-    metadata.map(|m| Cow::Owned(serde_json::to_string(m).unwrap_or_default()))
-}
-
 fn metadata_object(
     text: Option<&str>,
 ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, DecodeError> {
@@ -179,7 +165,10 @@ impl<'a> CreateLease<'a> {
             ttl_ms: request.ttl_ms,
             wait_ms: request.wait_ms,
             reason: request.reason.as_deref().map(Cow::Borrowed),
-            metadata: metadata_text(request.metadata.as_ref()),
+            metadata: request
+                .metadata
+                .as_ref()
+                .map(|m| Cow::Owned(metadata_text(m))),
             reentrant: request.reentrant,
             locks: request
                 .locks
@@ -233,7 +222,10 @@ impl<'a> Lease<'a> {
             expires_at_ms: lease.expires_at_ms,
             remaining_ms: lease.remaining_ms,
             reason: lease.reason.as_deref().map(Cow::Borrowed),
-            metadata: metadata_text(lease.metadata.as_ref()),
+            metadata: lease
+                .metadata
+                .as_ref()
+                .map(|m| Cow::Owned(metadata_text(m))),
             locks: lease
                 .locks
                 .iter()

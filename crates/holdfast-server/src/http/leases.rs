@@ -19,11 +19,6 @@ fn specs(locks: &[holdfast_api::LockRequest]) -> Result<Vec<LockSpec>, ApiError>
         .collect()
 }
 
-/// Compact JSON text of the metadata object (the engine checks its size).
-fn metadata_text(m: Option<&serde_json::Map<String, serde_json::Value>>) -> Option<String> {
-    m.map(|m| serde_json::Value::Object(m.clone()).to_string())
-}
-
 /// Create a lease holding all the requested locks (granted together or not at all).
 #[utoipa::path(
     post, path = "/v1/leases", tag = "leases",
@@ -60,7 +55,7 @@ pub async fn create_lease_op(
             holder: body.holder,
             ttl_ms: body.ttl_ms.unwrap_or(LEASE_TTL_MS_DEFAULT),
             reason: body.reason,
-            metadata: metadata_text(body.metadata.as_ref()),
+            metadata: body.metadata.as_ref().map(holdfast_api::metadata_text),
             owner: principal.name.clone(),
         }),
         locks,
