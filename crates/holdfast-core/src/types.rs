@@ -54,12 +54,13 @@ pub struct ParseLeaseIdError;
 impl FromStr for LeaseId {
     type Err = ParseLeaseIdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        // Every release and renewal parses one: 16 byte decodes instead of `from_str_radix`'s
+        // 32 checked 128-bit multiply-adds.
+        let mut bytes = [0u8; 16];
+        if s.len() != 32 || hex::decode_to_slice(s, &mut bytes).is_err() {
             return Err(ParseLeaseIdError);
         }
-        u128::from_str_radix(s, 16)
-            .map(LeaseId)
-            .map_err(|_| ParseLeaseIdError)
+        Ok(LeaseId(u128::from_be_bytes(bytes)))
     }
 }
 
@@ -525,6 +526,24 @@ mod tests {
             let text = id.to_string();
             assert_eq!(text, format!("{raw:032x}"));
             assert_eq!(text.parse::<LeaseId>(), Ok(id));
+            assert_eq!(text.to_uppercase().parse::<LeaseId>(), Ok(id));
+        }
+    }
+
+    #[test]
+    fn lease_id_text_that_is_not_32_hex_digits_is_refused() {
+        let valid = "0123456789abcdef0123456789abcdef";
+        assert!(valid.parse::<LeaseId>().is_ok());
+        for bad in [
+            "",
+            "0123456789abcdef0123456789abcde",
+            "0123456789abcdef0123456789abcdef0",
+            "0123456789abcdef0123456789abcdeg",
+            "+123456789abcdef0123456789abcdef",
+            " 123456789abcdef0123456789abcdef",
+            "0123456789abcdef0123456789abcd\u{e9}",
+        ] {
+            assert_eq!(bad.parse::<LeaseId>(), Err(ParseLeaseIdError), "{bad:?}");
         }
     }
 }
