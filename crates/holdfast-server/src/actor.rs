@@ -1308,6 +1308,8 @@ fn track_owner(
             }
         }
         Some(None) => {}
+        // Open mode tracks nothing: skip hashing the id of every released lease.
+        None if owners.is_empty() => {}
         None => {
             if let Some(Some(o)) = owners.remove(&id)
                 && let Some(n) = owner_counts.get_mut(&o)
