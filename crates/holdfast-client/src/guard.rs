@@ -190,14 +190,14 @@ impl LockGuard {
         renew_every: Option<Duration>,
     ) -> Self {
         let tokens: Vec<(String, u64)> = keys
-            .iter()
+            .into_iter()
             .map(|k| {
                 let token = lease
                     .locks
                     .iter()
-                    .find(|l| &l.key == k)
+                    .find(|l| l.key == k)
                     .map_or(0, |l| l.fencing_token);
-                (k.clone(), token)
+                (k, token)
             })
             .collect();
         let held: SharedLocks = Arc::new(std::sync::Mutex::new(tokens));
@@ -244,8 +244,14 @@ impl LockGuard {
         self.context.fencing_tokens()
     }
 
-    fn keys(&self) -> Vec<String> {
-        read_locks(&self.held).into_iter().map(|(k, _)| k).collect()
+    /// The keys a release must name one by one: only a guard that joined a lease releases by
+    /// key; otherwise the whole lease goes and no key list is built.
+    fn keys_to_release(&self) -> Vec<String> {
+        if self.joined {
+            read_locks(&self.held).into_iter().map(|(k, _)| k).collect()
+        } else {
+            Vec::new()
+        }
     }
 
     /// Add locks to this lease (incremental acquisition), waiting up to `wait` in the server's
@@ -388,7 +394,7 @@ impl LockGuard {
         release_lease(
             &self.client,
             &self.lease.lease_id,
-            &self.keys(),
+            &self.keys_to_release(),
             self.joined,
         )
         .await
@@ -445,7 +451,7 @@ impl Drop for LockGuard {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let client = self.client.clone();
             let lease_id = self.lease.lease_id.clone();
-            let keys = self.keys();
+            let keys = self.keys_to_release();
             let joined = self.joined;
             handle.spawn(async move {
                 if let Err(e) = release_lease(&client, &lease_id, &keys, joined).await {

@@ -120,6 +120,54 @@ async fn same_holder_is_not_reentrant_by_default_but_can_opt_in() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_joined_guard_releases_only_its_own_count() {
+    let (_server, client) = server().await;
+    let g1 = client
+        .lock("it/re-drop")
+        .holder("same")
+        .acquire()
+        .await
+        .unwrap();
+    let g2 = client
+        .lock("it/re-drop")
+        .holder("same")
+        .reentrant(true)
+        .acquire()
+        .await
+        .unwrap();
+    assert!(g2.joined());
+    let count = |lease: &holdfast_client::api::LeaseResponse| {
+        lease
+            .locks
+            .iter()
+            .find(|l| l.key == "it/re-drop")
+            .map(|l| l.count)
+    };
+    assert_eq!(
+        count(&client.get_lease(g1.lease_id()).await.unwrap()),
+        Some(2)
+    );
+    // Dropped, not released: the guard releases its one count in the background.
+    drop(g2);
+    let mut left = None;
+    for _ in 0..500 {
+        left = count(&client.get_lease(g1.lease_id()).await.unwrap());
+        if left == Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        left,
+        Some(1),
+        "the dropped joined guard took only its own count"
+    );
+    assert_eq!(holders(&client, "it/re-drop").await, vec!["same"]);
+    g1.release().await.unwrap();
+    assert!(holders(&client, "it/re-drop").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_until_the_holder_releases_and_reports_progress() {
     let (_server, client) = server().await;
     let g1 = client
