@@ -244,14 +244,11 @@ impl LockGuard {
         self.context.fencing_tokens()
     }
 
-    /// The keys a release must name one by one: only a guard that joined a lease releases by
-    /// key; otherwise the whole lease goes and no key list is built.
-    fn keys_to_release(&self) -> Vec<String> {
-        if self.joined {
-            read_locks(&self.held).into_iter().map(|(k, _)| k).collect()
-        } else {
-            Vec::new()
-        }
+    /// What a release takes: `Some(keys)`, each released once, for a guard that joined a
+    /// lease; `None` (the whole lease, no key list built) otherwise.
+    fn release_scope(&self) -> Option<Vec<String>> {
+        self.joined
+            .then(|| read_locks(&self.held).into_iter().map(|(k, _)| k).collect())
     }
 
     /// Add locks to this lease (incremental acquisition), waiting up to `wait` in the server's
@@ -391,13 +388,7 @@ impl LockGuard {
         if let Some(reason) = lost {
             return Err(ClientError::Lost(reason));
         }
-        release_lease(
-            &self.client,
-            &self.lease.lease_id,
-            &self.keys_to_release(),
-            self.joined,
-        )
-        .await
+        release_lease(&self.client, &self.lease.lease_id, self.release_scope()).await
     }
 }
 
@@ -415,16 +406,16 @@ fn mark_released(tx: &watch::Sender<LeaseStatus>) {
     }
 }
 
+/// Release the whole lease (`joined_keys` is `None`), or once each key a joined guard took.
 async fn release_lease(
     client: &Client,
     lease_id: &str,
-    keys: &[String],
-    joined: bool,
+    joined_keys: Option<Vec<String>>,
 ) -> Result<(), ClientError> {
-    let result = if joined {
+    let result = if let Some(keys) = joined_keys {
         let mut out = Ok(());
         for key in keys {
-            if let Err(e) = client.release_lock(lease_id, key).await {
+            if let Err(e) = client.release_lock(lease_id, &key).await {
                 out = Err(e);
             }
         }
@@ -451,10 +442,9 @@ impl Drop for LockGuard {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let client = self.client.clone();
             let lease_id = self.lease.lease_id.clone();
-            let keys = self.keys_to_release();
-            let joined = self.joined;
+            let scope = self.release_scope();
             handle.spawn(async move {
-                if let Err(e) = release_lease(&client, &lease_id, &keys, joined).await {
+                if let Err(e) = release_lease(&client, &lease_id, scope).await {
                     tracing::debug!(error = %e, "release on drop failed; the lease expires after its TTL");
                 }
             });
