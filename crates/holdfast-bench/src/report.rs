@@ -232,6 +232,24 @@ impl Report {
             self.pairs_per_s("postgres", c),
             1.0,
         ));
+        if let (Some(memory), Some(postgres)) = (
+            self.pairs_per_s("holdfast-memory", c),
+            self.pairs_per_s("postgres", c),
+        ) && postgres >= memory
+        {
+            // A sync pair is a memory-mode pair (same engine, same connection path) plus two
+            // durable commits, so sync cannot be faster than memory mode in the same run.
+            let note = format!(
+                "W1 {c} clients: PostgreSQL's advisory locks ({} pairs/s) ran at or above \
+                 holdfast memory ({} pairs/s), which does everything holdfast sync does except \
+                 the durable commit: holdfast sync ≥ 1.0× PostgreSQL cannot be met in this run",
+                num(postgres),
+                num(memory)
+            );
+            if !self.notes.contains(&note) {
+                self.notes.push(note);
+            }
+        }
         let holdfast_systems = ["holdfast-memory", "holdfast-async", "holdfast-sync"];
         for &hold_ms in w2_holds_ms {
             for system in holdfast_systems {
@@ -644,6 +662,50 @@ mod tests {
             "{}",
             r.notes[0]
         );
+    }
+
+    fn uncontended_row(system: &str, pairs_per_s: f64) -> Row {
+        Row {
+            workload: Workload::W1,
+            system: system.to_owned(),
+            durability: Durability::MemoryOnly,
+            clients: 64,
+            hold_ms: None,
+            metrics: Some(Metrics::Uncontended(UncontendedResult {
+                clients: 64,
+                pairs: 1000,
+                pairs_per_s,
+                pair_p50_us: 100.0,
+                pair_p99_us: 200.0,
+                pair_max_us: 400.0,
+                server_cpu_us_per_pair: None,
+                bench_cpu_us_per_pair: None,
+            })),
+            error: None,
+            round: None,
+        }
+    }
+
+    #[test]
+    fn a_postgres_rate_at_or_above_memory_modes_is_named_as_out_of_reach_for_sync() {
+        let mut r = report(None);
+        r.rows.push(uncontended_row("postgres", 80_000.0));
+        r.rows.push(uncontended_row("holdfast-memory", 78_000.0));
+        r.rows.push(uncontended_row("holdfast-sync", 40_000.0));
+        r.check_targets(64, 16, &[]);
+        assert_eq!(r.notes.len(), 1, "{:?}", r.notes);
+        assert!(r.notes[0].contains("(80000 pairs/s)"), "{}", r.notes[0]);
+        assert!(r.notes[0].contains("cannot be met"), "{}", r.notes[0]);
+        r.check_targets(64, 16, &[]);
+        assert_eq!(r.notes.len(), 1, "the note is not repeated");
+
+        // Memory mode faster than PostgreSQL: sync's shortfall is its own, no note.
+        let mut r = report(None);
+        r.rows.push(uncontended_row("postgres", 70_000.0));
+        r.rows.push(uncontended_row("holdfast-memory", 78_000.0));
+        r.rows.push(uncontended_row("holdfast-sync", 40_000.0));
+        r.check_targets(64, 16, &[]);
+        assert!(r.notes.is_empty(), "{:?}", r.notes);
     }
 
     #[test]
