@@ -673,18 +673,21 @@ fn run(host: &Mutex<Host>, rx: &Receiver<Command>) {
                 Err(_) => break,
             }
         }
+        // Nothing more to apply: the host may as well sync this batch itself.
+        let queue_empty = rx.is_empty();
         let Some(mut host) = lock_host(host) else {
             return;
         };
-        if !host.run_batch(batch) {
+        if !host.run_batch(batch, queue_empty) {
             return;
         }
     }
 }
 
 impl Host {
-    /// Apply one batch from the channel and commit it. Returns false once the host stopped.
-    fn run_batch(&mut self, batch: Vec<Command>) -> bool {
+    /// Apply one batch from the channel and commit it (`queue_empty`: no command was left in
+    /// the channel, see [`Store::commit`]). Returns false once the host stopped.
+    fn run_batch(&mut self, batch: Vec<Command>, queue_empty: bool) -> bool {
         let counted = batch.iter().filter(|c| c.counted()).count();
         self.queued.fetch_sub(counted, Ordering::AcqRel);
         self.counters
@@ -707,7 +710,7 @@ impl Host {
         if shutdown {
             self.fail_pending(now);
         }
-        if !self.commit_and_deliver(now, deliveries) {
+        if !self.commit_and_deliver(now, deliveries, queue_empty) {
             return false;
         }
         if let Some(store) = &mut self.store
@@ -745,7 +748,7 @@ impl Host {
         let mut deliveries = Vec::with_capacity(1);
         self.apply(cmd, now, &mut deliveries);
         self.counters.commands.fetch_add(1, Ordering::Relaxed);
-        if !self.commit_and_deliver(now, deliveries) {
+        if !self.commit_and_deliver(now, deliveries, false) {
             return Ok(false);
         }
         self.update_gauges();
@@ -1127,7 +1130,13 @@ impl Host {
 
     /// Commit the engine's changes, then deliver. Repeats while undoing undeliverable grants
     /// produces new changes. Returns false if the host must stop (store failure).
-    fn commit_and_deliver(&mut self, now: u64, mut deliveries: Vec<Delivery>) -> bool {
+    /// `host_idle`: nothing waits in the host's queue (the host may sync the batch itself).
+    fn commit_and_deliver(
+        &mut self,
+        now: u64,
+        mut deliveries: Vec<Delivery>,
+        host_idle: bool,
+    ) -> bool {
         loop {
             for note in self.engine.take_notifications() {
                 let Some((request_id, pending)) = self.pending.remove(&note.waiter) else {
@@ -1193,7 +1202,7 @@ impl Host {
                     hub.publish(events);
                     deliver_later(batch, &undo);
                 });
-                match store.commit(&changes, then) {
+                match store.commit(&changes, then, host_idle) {
                     Ok(info) => {
                         if !changes.is_empty() {
                             metrics::histogram!(m::COMMIT_SECONDS)
@@ -1261,7 +1270,7 @@ impl Host {
         self.stopped = true;
         let now = self.clock.now_ms();
         self.fail_pending(now);
-        let _ = self.commit_and_deliver(now, Vec::new());
+        let _ = self.commit_and_deliver(now, Vec::new(), false);
         if let Some(store) = &mut self.store
             && let Err(e) = store.flush()
         {
