@@ -1662,9 +1662,8 @@ mod crash_image_tests {
         );
     }
 
-    #[test]
-    fn an_idle_caller_with_nothing_outstanding_syncs_and_delivers_before_commit_returns() {
-        let disk = Disk::default();
+    /// A loaded `sync` store on `disk` with its syncer thread running (a failed sync panics).
+    fn syncing_store(disk: &Disk) -> Store {
         let mut store = disk.open(Durability::Sync);
         store.load().unwrap();
         store
@@ -1673,6 +1672,13 @@ mod crash_image_tests {
                 on_failure: Box::new(|e| panic!("sync failed: {e}")),
             })
             .unwrap();
+        store
+    }
+
+    #[test]
+    fn an_idle_caller_with_nothing_outstanding_syncs_and_delivers_before_commit_returns() {
+        let disk = Disk::default();
+        let mut store = syncing_store(&disk);
         let delivered = Arc::new(Mutex::new(Vec::new()));
         let mut batches = 0;
         history(|index, changes| {
@@ -1723,14 +1729,7 @@ mod crash_image_tests {
         for torn in [false, true] {
             for k in 0..=total {
                 let disk = Disk::default();
-                let mut store = disk.open(Durability::Sync);
-                store.load().unwrap();
-                store
-                    .start_syncer(SyncHooks {
-                        on_sync: Box::new(|| {}),
-                        on_failure: Box::new(|e| panic!("sync failed: {e}")),
-                    })
-                    .unwrap();
+                let mut store = syncing_store(&disk);
                 let freeze = {
                     let mut st = disk.state();
                     st.freeze_after = Some(st.syncs + k);
