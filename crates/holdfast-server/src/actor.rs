@@ -673,7 +673,7 @@ fn run(host: &Mutex<Host>, rx: &Receiver<Command>) {
                 Err(_) => break,
             }
         }
-        // Nothing more to apply: the host may as well sync this batch itself.
+        // With nothing else waiting, the host may sync this batch itself (`Store::commit`).
         let queue_empty = rx.is_empty();
         let Some(mut host) = lock_host(host) else {
             return;
