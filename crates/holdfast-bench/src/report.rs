@@ -197,6 +197,13 @@ impl Report {
         }
     }
 
+    /// Add a note unless an earlier check already made it (targets may be checked again).
+    fn note_once(&mut self, note: String) {
+        if !self.notes.contains(&note) {
+            self.notes.push(note);
+        }
+    }
+
     /// Computes the targets from the rows (ratios within this run).
     pub fn check_targets(&mut self, w1_clients: usize, w2_clients: usize, w2_holds_ms: &[u64]) {
         let mut checks = Vec::new();
@@ -246,9 +253,7 @@ impl Report {
                 num(postgres),
                 num(memory)
             );
-            if !self.notes.contains(&note) {
-                self.notes.push(note);
-            }
+            self.note_once(note);
         }
         let holdfast_systems = ["holdfast-memory", "holdfast-async", "holdfast-sync"];
         for &hold_ms in w2_holds_ms {
@@ -297,8 +302,8 @@ impl Report {
                         num(floor.p99_us),
                         num(floor.p50_us)
                     );
-                    if bound_us < floor.p99_us && !self.notes.contains(&note) {
-                        self.notes.push(note);
+                    if bound_us < floor.p99_us {
+                        self.note_once(note);
                     }
                 }
                 checks.push(TargetCheck {

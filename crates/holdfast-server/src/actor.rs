@@ -1130,12 +1130,12 @@ impl Host {
 
     /// Commit the engine's changes, then deliver. Repeats while undoing undeliverable grants
     /// produces new changes. Returns false if the host must stop (store failure).
-    /// `host_idle`: nothing waits in the host's queue (the host may sync the batch itself).
+    /// `queue_empty`: nothing waits in the host's queue (the host may sync the batch itself).
     fn commit_and_deliver(
         &mut self,
         now: u64,
         mut deliveries: Vec<Delivery>,
-        host_idle: bool,
+        queue_empty: bool,
     ) -> bool {
         loop {
             for note in self.engine.take_notifications() {
@@ -1202,7 +1202,7 @@ impl Host {
                     hub.publish(events);
                     deliver_later(batch, &undo);
                 });
-                match store.commit(&changes, then, host_idle) {
+                match store.commit(&changes, then, queue_empty) {
                     Ok(info) => {
                         if !changes.is_empty() {
                             metrics::histogram!(m::COMMIT_SECONDS)

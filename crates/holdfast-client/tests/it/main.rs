@@ -136,30 +136,21 @@ async fn dropping_a_joined_guard_releases_only_its_own_count() {
         .await
         .unwrap();
     assert!(g2.joined());
-    let count = |lease: &holdfast_client::api::LeaseResponse| {
-        lease
+    let count = || async {
+        client
+            .get_lease(g1.lease_id())
+            .await
+            .unwrap()
             .locks
             .iter()
             .find(|l| l.key == "it/re-drop")
             .map(|l| l.count)
     };
-    assert_eq!(
-        count(&client.get_lease(g1.lease_id()).await.unwrap()),
-        Some(2)
-    );
+    assert_eq!(count().await, Some(2));
     // Dropped, not released: the guard releases its one count in the background.
     drop(g2);
-    let mut left = None;
-    for _ in 0..500 {
-        left = count(&client.get_lease(g1.lease_id()).await.unwrap());
-        if left == Some(1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        left,
-        Some(1),
+    assert!(
+        eventually(100, || async { count().await == Some(1) }).await,
         "the dropped joined guard took only its own count"
     );
     assert_eq!(holders(&client, "it/re-drop").await, vec!["same"]);
